@@ -1,0 +1,111 @@
+"""The ``distill`` command.
+
+``distill fit|validate|test|predict -c CONFIG`` is a :class:`pytorch_lightning.cli.LightningCLI` (one YAML file is
+one experiment); ``distill compress|evaluate|report|sweep ...`` are the package's own commands, dispatched before
+LightningCLI parses anything. ``python -m distill`` is the same command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+__all__ = ["DistillCLI", "main"]
+
+# Commands that are not Trainer methods: name -> "module:function(argv) -> int | None".
+EXTRA_COMMANDS: dict[str, str] = {
+    "compress": "distill.compress.cli:compress_main",
+    "evaluate": "distill.compress.cli:evaluate_main",
+    "report": "distill.report:main",
+    "sweep": "distill.sweep:main",
+}
+
+DEFAULT_RUN_ROOT = "runs"
+
+
+class DistillCLI(LightningCLI):
+    """LightningCLI with distill's defaults.
+
+    * any LightningModule / LightningDataModule by ``class_path`` (subclass mode),
+    * a TensorBoard logger writing under ``runs/<name>/version_N``,
+    * a :class:`~pytorch_lightning.callbacks.ModelCheckpoint` on ``val/acc`` plus ``last.ckpt``, configurable as
+      ``checkpoint.*``,
+    * a fixed seed (42) unless the config says otherwise.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("seed_everything_default", 42)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        trainer_defaults = {
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": DEFAULT_RUN_ROOT, "name": "default"},
+            },
+        }
+        trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
+        super().__init__(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=trainer_defaults,
+            args=list(args) if args is not None else None,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:03d}-acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = [f"run folder:        {trainer.log_dir}"]
+        ckpt = trainer.checkpoint_callback
+        if isinstance(ckpt, ModelCheckpoint):
+            if ckpt.best_model_path:
+                lines.append(f"best checkpoint:   {ckpt.best_model_path}")
+            if ckpt.last_model_path:
+                lines.append(f"last checkpoint:   {ckpt.last_model_path}")
+        for cb in trainer.callbacks:  # callbacks that wrote files say where (e.g. the compressed model)
+            outputs = getattr(cb, "output_paths", None)
+            if callable(outputs):
+                for label, path in outputs().items():
+                    lines.append(f"{label + ':':<18} {path}")
+        lines.append(f"tensorboard:       tensorboard --logdir {getattr(trainer.logger, 'root_dir', trainer.log_dir)}")
+        print("\n".join(lines))
+
+
+def _extra_command(name: str) -> Callable[[list[str]], int | None]:
+    module_name, _, func = EXTRA_COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(module_name), func)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``distill`` and ``python -m distill``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in EXTRA_COMMANDS:
+        code = _extra_command(args[0])(args[1:])
+        raise SystemExit(code or 0)
+    torch.set_float32_matmul_precision("high")
+    DistillCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

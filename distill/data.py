@@ -1,0 +1,342 @@
+"""LightningDataModules: MNIST and CIFAR-10 over torchvision's datasets, and the embedded 8x8 digits.
+
+The images are held in memory as one tensor per split and served a whole batch at a time (``__getitems__``), so
+an epoch of a small network is not dominated by per-sample PIL decoding and collation. CIFAR-10's augmentation
+(random crop with padding 4 + horizontal flip) runs batch-wise on the device in ``on_after_batch_transfer``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "CIFAR10DataModule",
+    "DataNotFoundError",
+    "DigitsDataModule",
+    "InMemoryDataModule",
+    "MNISTDataModule",
+    "TensorBatchDataset",
+    "resolve_data_dir",
+]
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set's files are missing and could not be downloaded."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    """The data root: ``data_dir`` if given, else ``$DISTILL_DATA``, else ``$XDG_CACHE_HOME/distill/data``."""
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir).expanduser()
+    env = os.environ.get("DISTILL_DATA")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "distill" / "data"
+
+
+class TensorBatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Inputs and labels held as tensors; a batch is fetched with one indexing operation.
+
+    ``DataLoader`` calls ``__getitems__`` with the sampler's list of indices when it exists; paired with
+    ``collate_fn=_as_is`` this skips per-sample collation (a standard sampler is kept, so Lightning can still
+    swap in a ``DistributedSampler`` under DDP).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"inputs and labels differ in length: {len(x)} vs {len(y)}")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.x[idx], self.y[idx]
+
+
+def _as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+class InMemoryDataModule(pl.LightningDataModule):
+    """Base class: subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation/test/predict (default: ``batch_size``).
+        val_size: number of training samples carved out (fixed seed) for validation; 0 validates on the test set.
+        seed: seed of the validation split.
+        num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+    """
+
+    num_classes: int = 10
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        seed: int = 42,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size = val_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: TensorBatchDataset | None = None
+        self.val_set: TensorBatchDataset | None = None
+        self.test_set: TensorBatchDataset | None = None
+
+    def _split(
+        self, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor
+    ) -> None:
+        if self.val_size >= len(y):
+            raise ValueError(f"val_size={self.val_size} leaves no training data (the training set has {len(y)})")
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
+        if self.val_size:
+            val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
+            self.train_set = TensorBatchDataset(x[train_idx], y[train_idx])
+            self.val_set = TensorBatchDataset(x[val_idx], y[val_idx])
+        else:
+            self.train_set = TensorBatchDataset(x, y)
+            self.val_set = TensorBatchDataset(x_test, y_test)
+        self.test_set = TensorBatchDataset(x_test, y_test)
+
+    def _loader(self, ds: TensorBatchDataset | None, train: bool) -> DataLoader:
+        if ds is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run: call dm.setup('fit') first")
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=False,
+            num_workers=self.num_workers,
+            collate_fn=_as_is,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class MNISTDataModule(InMemoryDataModule):
+    """MNIST (LeCun et al.) through ``torchvision.datasets.MNIST``, normalised with mean 0.1307 / std 0.3081.
+
+    Args:
+        data_dir: root holding ``MNIST/raw``; default ``$DISTILL_DATA`` or a user cache folder.
+        download: let torchvision download missing files.
+        **kwargs: see :class:`InMemoryDataModule`.
+    """
+
+    def __init__(self, data_dir: str | None = None, download: bool = True, **kwargs: int | None) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.data_dir = resolve_data_dir(data_dir)
+        self.download = download
+
+    def _not_found(self, cause: Exception | None) -> DataNotFoundError:
+        raw = self.data_dir / "MNIST" / "raw"
+        files = ", ".join(_MNIST_FILES)
+        how = "download failed (no network?)" if self.download else "download=False"
+        return DataNotFoundError(
+            f"MNIST not found under {raw} (looked for {files}, or their .gz files) and {how}. "
+            f"Fix: point DISTILL_DATA or --data.data_dir at a folder that holds MNIST/raw, "
+            f"or allow torchvision to download it with --data.download true."
+            + (f" Cause: {cause}" if cause else "")
+        )
+
+    def _dataset(self, train: bool) -> object:
+        from torchvision.datasets import MNIST
+
+        try:
+            return MNIST(str(self.data_dir), train=train, download=self.download)
+        except (RuntimeError, OSError) as err:
+            raise self._not_found(err) from err
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self._dataset(True)
+            self._dataset(False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+
+        def tensors(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            ds = self._dataset(train)
+            x = ds.data.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)  # type: ignore[attr-defined]
+            return x, ds.targets.long()  # type: ignore[attr-defined]
+
+        self._split(*tensors(True), *tensors(False))
+
+
+class CIFAR10DataModule(InMemoryDataModule):
+    """CIFAR-10 (Krizhevsky, 2009) through ``torchvision.datasets.CIFAR10``.
+
+    Images stay uint8 in memory; on the device they are augmented (training only: random crop with padding 4,
+    horizontal flip) and normalised. ``subset_file`` reads an ``.npz`` holding ``x_train_first2000``,
+    ``y_train_first2000``, ``x_test_first1000``, ``y_test_first1000`` (uint8 HWC) instead, for smoke tests.
+
+    Args:
+        data_dir: root holding ``cifar-10-batches-py``; default ``$DISTILL_DATA`` or a user cache folder.
+        download: let torchvision download missing files.
+        subset_file: optional ``.npz`` subset (absolute, or relative to ``data_dir``).
+        augment: apply the training augmentation.
+        **kwargs: see :class:`InMemoryDataModule`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        download: bool = True,
+        subset_file: str | None = None,
+        augment: bool = True,
+        **kwargs: int | None,
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.data_dir = resolve_data_dir(data_dir)
+        self.download = download
+        self.subset_file = subset_file
+        self.augment = augment
+
+    def _subset_path(self) -> Path:
+        assert self.subset_file is not None
+        p = Path(self.subset_file).expanduser()
+        return p if p.is_absolute() else self.data_dir / p
+
+    def prepare_data(self) -> None:
+        if self.subset_file is None and self.download:
+            self._arrays(True)
+
+    def _arrays(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        from torchvision.datasets import CIFAR10
+
+        try:
+            ds = CIFAR10(str(self.data_dir), train=train, download=self.download)
+        except (RuntimeError, OSError) as err:
+            how = "download failed (no network?)" if self.download else "download=False"
+            raise DataNotFoundError(
+                f"CIFAR-10 not found under {self.data_dir / 'cifar-10-batches-py'} (looked for data_batch_1..5 and "
+                f"test_batch) and {how}. Fix: point DISTILL_DATA or --data.data_dir at a folder that holds "
+                f"cifar-10-batches-py, allow --data.download true, or use --data.subset_file with an .npz subset. "
+                f"Cause: {err}"
+            ) from err
+        return ds.data, np.asarray(ds.targets)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.subset_file is not None:
+            path = self._subset_path()
+            if not path.is_file():
+                raise DataNotFoundError(
+                    f"CIFAR-10 subset file {path} does not exist. Fix: pass an existing .npz to --data.subset_file "
+                    f"(absolute, or relative to data_dir={self.data_dir})."
+                )
+            with np.load(path, allow_pickle=False) as z:
+                needed = ("x_train_first2000", "y_train_first2000", "x_test_first1000", "y_test_first1000")
+                missing = [k for k in needed if k not in z.files]
+                if missing:
+                    raise DataNotFoundError(f"{path} lacks arrays {missing}; it holds {sorted(z.files)}")
+                xtr, ytr, xte, yte = (z[k] for k in needed)
+        else:
+            xtr, ytr = self._arrays(True)
+            xte, yte = self._arrays(False)
+
+        def chw(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+
+        self._split(chw(xtr), torch.from_numpy(ytr).long(), chw(xte), torch.from_numpy(yte).long())
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> object:
+        x, y = batch
+        x = x.float().div_(255.0)  # (B, 3, 32, 32)
+        if self.augment and self.trainer is not None and self.trainer.training:
+            x = random_crop_flip(x, padding=4)
+        mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std, y
+
+
+def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batch-wise random crop (zero padding) and horizontal flip, as torchvision's RandomCrop + RandomHorizontalFlip.
+
+    Args:
+        x: images ``(B, C, H, W)``.
+        padding: zero padding on every side before cropping back to ``H x W``.
+        generator: optional random generator (on ``x``'s device).
+
+    Returns:
+        The augmented batch, same shape.
+    """
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None]).view(b, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None]).view(b, 1, 1, w)
+    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    cols = torch.where(flip.view(b, 1, 1, 1), cols.flip(-1), cols)
+    bidx = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    return padded.permute(0, 2, 3, 1)[bidx, rows, cols].squeeze(1).permute(0, 3, 1, 2).contiguous()
+
+
+class DigitsDataModule(InMemoryDataModule):
+    """The 8x8 handwritten digits that ship with scikit-learn (1,797 images): the embedded quickstart data set.
+
+    No download is needed. A fixed-seed split keeps ``test_size`` images for test and ``val_size`` for validation.
+
+    Args:
+        test_size: images held out for test.
+        **kwargs: see :class:`InMemoryDataModule` (``val_size`` defaults to 200 here).
+    """
+
+    def __init__(self, test_size: int = 300, val_size: int = 200, **kwargs: int | None) -> None:
+        super().__init__(val_size=val_size, **kwargs)  # type: ignore[arg-type]
+        self.test_size = test_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # (1797, 1, 8, 8)
+        x = (x - 0.3) / 0.4  # roughly zero mean, unit variance
+        y = torch.from_numpy(digits.target).long()
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed + 1))
+        test, rest = perm[: self.test_size], perm[self.test_size :]
+        self._split(x[rest], y[rest], x[test], y[test])
