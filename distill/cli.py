@@ -83,7 +83,7 @@ class DistillCLI(LightningCLI):
                 lines.append(f"best checkpoint:   {ckpt.best_model_path}")
             if ckpt.last_model_path:
                 lines.append(f"last checkpoint:   {ckpt.last_model_path}")
-        for cb in trainer.callbacks:  # callbacks that wrote files say where (e.g. the compressed model)
+        for cb in getattr(trainer, "callbacks", []):  # callbacks that wrote files say where (e.g. the compressed model)
             outputs = getattr(cb, "output_paths", None)
             if callable(outputs):
                 for label, path in outputs().items():

@@ -37,7 +37,7 @@ class ZooModel(nn.Module):
                 args_.pop("self", None)
                 object.__setattr__(self, "init_args", {k: _plain(v) for k, v in args_.items()})
 
-        cls.__init__ = __init__  # type: ignore[method-assign]
+        cls.__init__ = __init__  # type: ignore[method-assign,assignment]
 
 
 def _plain(value: Any) -> Any:

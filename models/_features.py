@@ -23,7 +23,9 @@ _TAPPABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.MaxPool2d,
 
 
 @torch.no_grad()
-def feature_info(model: nn.Module, input_shape: tuple[int, ...], kinds: tuple[type, ...] = _TAPPABLE) -> list[LayerInfo]:
+def feature_info(
+    model: nn.Module, input_shape: tuple[int, ...], kinds: tuple[type[nn.Module], ...] = _TAPPABLE
+) -> list[LayerInfo]:
     """Run one dummy sample through ``model`` and record the output shape of every tappable layer.
 
     Args:

@@ -61,7 +61,7 @@ class MLP(ZooModel):
             raise ValueError(f"MLP sizes must be positive integers, got {sizes}")
         self.input_shape = tuple(input_shape) if input_shape is not None else (in_features,)
         self.num_layers = len(sizes) - 1
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
             self.add_module(f"fc{i}", nn.Linear(n_in, n_out))
         _glorot_(self)
 

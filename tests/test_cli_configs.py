@@ -1,0 +1,117 @@
+"""Every config in configs/ parses and fits one fast batch, so none rots.
+
+Teacher configs run first (inside a temporary working directory) so that the configs which read a teacher
+checkpoint from ``runs/<name>_teacher/checkpoints/last.ckpt`` find one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from distill.cli import DistillCLI
+from tests.conftest import REPO, data_root
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+TEACHERS = [c for c in CONFIGS if c.stem.endswith("_teacher") or c.stem == "teacher"]
+OTHERS = [c for c in CONFIGS if c not in TEACHERS]
+
+
+def _fast_args(config: Path) -> list[str]:
+    args = [
+        "fit",
+        "-c",
+        str(config),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--data.init_args.batch_size",
+        "8",
+    ]
+    text = config.read_text()
+    if "CIFAR10DataModule" in text:
+        subset = "cifar10-subset/cifar10_exact_subset.npz"
+        args += ["--data.init_args.subset_file", subset, "--data.init_args.val_size", "100"]
+    if "MNISTDataModule" in text or "CIFAR10DataModule" in text:
+        args += ["--data.init_args.download", "false"]
+    if "VGG19BN" in text:  # full width works too, but a fast test needs a thin network
+        args += ["--model.init_args.model.init_args.width", "0.0625"] if "teacher" in config.stem else []
+    return args
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory holding teacher checkpoints trained for two steps by each teacher config."""
+    root = data_root()
+    if not (root / "MNIST" / "raw").exists():
+        pytest.skip(f"real data not found under {root} (set DISTILL_DATA)")
+    wd = tmp_path_factory.mktemp("configs")
+    old = Path.cwd()
+    os.environ["DISTILL_DATA"] = str(root)
+    os.chdir(wd)
+    try:
+        for cfg in TEACHERS:
+            cli = DistillCLI(args=_fast_args(cfg))
+            assert cli.trainer.global_step >= 1, cfg
+            assert cli.trainer.checkpoint_callback is not None
+            assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file(), cfg
+    finally:
+        os.chdir(old)
+    return wd
+
+
+def test_there_are_configs() -> None:
+    assert TEACHERS and len(CONFIGS) >= 5
+
+
+class _ParseOnly(DistillCLI):
+    """Parse and type-check a config without building anything (no teacher checkpoint or data needed)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
+def test_config_parses(config: Path) -> None:
+    cli = _ParseOnly(args=["-c", str(config)], run=False)
+    cfg = cli.config
+    assert cfg["model"]["class_path"].startswith("distill.")
+    assert cfg["data"]["class_path"].startswith("distill.data.")
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: distill.modules.Classifier\n  init_args:\n    modle: {}\n")
+    with pytest.raises(SystemExit):
+        _ParseOnly(args=["-c", str(bad)], run=False)
+    assert "required: model" in capsys.readouterr().err
+
+
+def test_teacher_configs_fit_and_checkpoint(workdir: Path) -> None:
+    for cfg in TEACHERS:  # the fixture trained each for two steps
+        name = cfg.parent.name + "_teacher" if cfg.stem == "teacher" else cfg.stem
+        assert list((workdir / "runs").glob(f"*{name.split('_teacher')[0]}*teacher/checkpoints/last.ckpt")), cfg
+
+
+@pytest.mark.parametrize("config", OTHERS, ids=[str(c.relative_to(REPO / "configs")) for c in OTHERS])
+def test_config_fits_two_steps(config: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+    cli = DistillCLI(args=_fast_args(config))
+    assert cli.trainer.global_step >= 1

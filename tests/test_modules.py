@@ -1,0 +1,50 @@
+"""Classifier: training on labels, metrics, checkpoint round trip without pickled modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from distill.data import DigitsDataModule
+from distill.modules import Classifier
+from models import MLP
+
+
+def test_classifier_learns_and_checkpoint_round_trips(tmp_path: Path, trainer_kwargs: dict[str, Any]) -> None:
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=64)
+    model = Classifier(MLP(64, (64,), 10), optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer_kwargs.update(max_epochs=5, enable_checkpointing=True, callbacks=[ckpt])
+    trainer = pl.Trainer(**trainer_kwargs)
+    trainer.fit(model, dm)
+    acc = trainer.test(model, dm, verbose=False)[0]["test/acc"]
+    assert acc > 0.85  # 8x8 digits are easy: a few epochs of an MLP reach ~95%
+
+    path = Path(ckpt.last_model_path)
+    raw = torch.load(path, weights_only=True)  # nothing pickled but plain data
+    assert raw["hyper_parameters"]["model"] == {
+        "class_path": "models.lenet.MLP",
+        "init_args": {"in_features": 64, "hidden_sizes": [64], "num_classes": 10, "input_shape": None},
+    }
+    restored = Classifier.load_from_checkpoint(path)
+    acc2 = pl.Trainer(**{**trainer_kwargs, "callbacks": []}).test(restored, dm, verbose=False)[0]["test/acc"]
+    assert acc2 == acc
+
+
+def test_classifier_logs_namespaced_metrics(trainer_kwargs: dict[str, Any]) -> None:
+    trainer_kwargs.update(limit_train_batches=2, limit_val_batches=1)
+    trainer = pl.Trainer(**trainer_kwargs)
+    trainer.fit(Classifier(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32))
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
+
+
+def test_classifier_rejects_non_module() -> None:
+    import pytest
+
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        Classifier(model=42)  # type: ignore[arg-type]
