@@ -107,7 +107,7 @@ class Classifier(pl.LightningModule):
         x, y = batch
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits.detach(), y)
+        self.train_acc.update(logits.detach(), y)  # update() only: forward() would also compute a per-batch value
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
