@@ -1,0 +1,105 @@
+"""Training throughput: ``distill fit`` (LightningCLI + Classifier + MNISTDataModule) vs a hand-written loop.
+
+Both train LeNet-300-100 on the same in-memory MNIST tensors (batch 128, Adam) on the CPU with 2 threads; runs
+alternate (hand, distill, hand, distill, ...) so that load from other processes hits both alike, and the median
+samples/s of each is compared. Warm-up steps are excluded.
+
+    DISTILL_DATA=../shared/data python benchmarks/bench_train.py [--steps 300] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from distill.cli import DistillCLI
+from distill.data import MNISTDataModule
+from models import LeNet300100
+
+WARMUP = 20
+
+
+class StepTimer(pl.Callback):
+    """Wall time from the end of the warm-up steps to the end of the last step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.t0, self.t1, self.steps = warmup, 0.0, 0.0, 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.steps += 1
+        if self.steps == self.warmup:
+            self.t0 = time.perf_counter()
+        self.t1 = time.perf_counter()
+
+
+def hand_loop(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int) -> float:
+    torch.manual_seed(0)
+    model = LeNet300100()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    perm = torch.randperm(len(y))
+    t0 = 0.0
+    for step in range(steps + WARMUP):
+        if step == WARMUP:
+            t0 = time.perf_counter()
+        i = (step * batch) % (len(y) - batch)
+        idx = perm[i : i + batch]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def distill_fit(steps: int, batch: int) -> float:
+    timer = StepTimer(WARMUP)
+    cli = DistillCLI(
+        args=[
+            "-c", "configs/mnist/lenet300_100_teacher.yaml",
+            "--trainer.max_steps", str(steps + WARMUP),
+            "--trainer.limit_val_batches", "0",
+            "--trainer.num_sanity_val_steps", "0",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false",
+            "--trainer.accelerator", "cpu",
+            "--trainer.logger.init_args.save_dir", "/tmp/distill_bench_runs",
+            "--checkpoint.dirpath", "/tmp/distill_bench_runs/ckpt",
+            "--data.batch_size", str(batch),
+            "--data.download", "false",
+        ],
+        run=False,
+        trainer_defaults={"callbacks": [timer]},
+    )  # fmt: skip
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return (timer.steps - WARMUP) * batch / (timer.t1 - timer.t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dm = MNISTDataModule(download=False, batch_size=args.batch)
+    dm.setup("fit")
+    assert dm.train_set is not None
+    x, y = dm.train_set.x, dm.train_set.y
+    hand, fit = [], []
+    for _ in range(args.repeats):
+        hand.append(hand_loop(x, y, args.steps, args.batch))
+        fit.append(distill_fit(args.steps, args.batch))
+    h, f = statistics.median(hand), statistics.median(fit)
+    print(f"hand-written loop : {h:9.0f} samples/s  (runs: {[round(v) for v in hand]})")
+    print(f"distill fit       : {f:9.0f} samples/s  (runs: {[round(v) for v in fit]})")
+    print(f"ratio distill/hand: {f / h:.3f}  (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
