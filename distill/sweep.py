@@ -8,7 +8,7 @@ run in a subprocess:
 
 1. the base YAML is loaded, the trial's values are set by dotted path (``trainer.callbacks.0.init_args.tau``: list
    entries by index), the logger and checkpoints are redirected into ``STUDY_DIR/trial_NNNN/``, and the result is
-   written to ``STUDY_DIR/trial_NNNN/config.yaml``;
+   written to ``STUDY_DIR/trial_NNNN/trial_config.yaml``;
 2. ``python -m distill fit -c that/config.yaml`` runs, its output goes to ``trial_NNNN/fit.log``;
 3. the objectives are read from the run folder (:func:`read_objectives`): ``accuracy.json`` and
    ``compression_report.json`` when the run compressed, else the last ``test/acc`` / ``val/acc`` scalar and a
@@ -34,6 +34,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -514,6 +515,41 @@ def run_sweep(
     """
     import optuna
 
+    with warnings.catch_warnings():  # heartbeats and retries are marked experimental in Optuna
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        return _run_sweep(
+            config,
+            trials,
+            study_dir,
+            space=space,
+            overrides=overrides,
+            reference_acc=reference_acc,
+            study_name=study_name,
+            seed=seed,
+            timeout=timeout,
+            runner=runner,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+        )
+
+
+def _run_sweep(
+    config: str | os.PathLike[str],
+    trials: int,
+    study_dir: str | os.PathLike[str],
+    *,
+    space: Mapping[str, Any] | None,
+    overrides: Mapping[str, Any] | None,
+    reference_acc: float | None,
+    study_name: str | None,
+    seed: int,
+    timeout: float | None,
+    runner: TrialRunner | None,
+    heartbeat_interval: int,
+    grace_period: int | None,
+) -> Any:
+    import optuna
+
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be a positive integer, got {trials!r}")
     if reference_acc is not None and not 0.0 <= reference_acc <= 1.0:
@@ -542,11 +578,17 @@ def run_sweep(
 
     study_root = Path(study_dir).resolve()
     study_root.mkdir(parents=True, exist_ok=True)
+    # A trial left running by a killed sweep stops sending heartbeats: it is then marked failed and re-queued with
+    # the same values (Optuna >= 4.9 names the argument heartbeat_stale_trial_callback).
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=None)
+    stale_arg = "heartbeat_stale_trial_callback"
+    if stale_arg not in inspect.signature(optuna.storages.RDBStorage).parameters:
+        stale_arg = "failed_trial_callback"
     storage = optuna.storages.RDBStorage(
         f"sqlite:///{study_root / 'study.db'}",
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=None),
+        **{stale_arg: retry},
     )
     study = optuna.create_study(
         storage=storage,
@@ -561,7 +603,7 @@ def run_sweep(
         values = {p.key: p.suggest(trial) for p in params}
         trial_dir = study_root / f"trial_{trial.number:04d}"
         trial_dir.mkdir(parents=True, exist_ok=True)
-        trial_cfg = trial_dir / "config.yaml"
+        trial_cfg = trial_dir / "trial_config.yaml"
         atomic_write_text(trial_cfg, yaml.safe_dump(prepare_trial_config(base, {**fixed, **values}, trial_dir)))
         trial.set_user_attr("trial_dir", str(trial_dir))
         try:
@@ -649,6 +691,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's outcome is printed below, one line each
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         study = run_sweep(
