@@ -584,11 +584,12 @@ def _run_sweep(
     stale_arg = "heartbeat_stale_trial_callback"
     if stale_arg not in inspect.signature(optuna.storages.RDBStorage).parameters:
         stale_arg = "failed_trial_callback"
+    stale_kwargs: dict[str, Any] = {stale_arg: retry}
     storage = optuna.storages.RDBStorage(
         f"sqlite:///{study_root / 'study.db'}",
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
-        **{stale_arg: retry},
+        **stale_kwargs,
     )
     study = optuna.create_study(
         storage=storage,
