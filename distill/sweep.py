@@ -421,11 +421,10 @@ def run_fit_subprocess(config_path: Path, trial_dir: Path, timeout: float | None
 def _finished_count(study: Any) -> int:
     """Trials that count towards ``--trials``: complete, pruned, or failed for a reason of their own (not those
     interrupted or left stale by a stopped sweep, which are re-run)."""
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    retried = _retried_numbers(trials)
     count = 0
     for t in trials:
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -435,15 +434,30 @@ def _finished_count(study: Any) -> int:
     return count
 
 
+def _retry_callback() -> Any:
+    """Optuna's callback that re-queues a trial with the same values (renamed in Optuna 4.9)."""
+    import optuna
+
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    return (cls or optuna.storages.RetryFailedTrialCallback)(max_retry=None)
+
+
+def _retried_numbers(trials: Sequence[Any]) -> set[int]:
+    """Numbers of the trials that were re-queued (the retry callback records each chain in ``retry_history``)."""
+    retried: set[int] = set()
+    for t in trials:
+        retried.update(t.system_attrs.get("retry_history", []))
+    return retried
+
+
 def _requeue_interrupted(study: Any) -> None:
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    retried = _retried_numbers(trials)
     for t in trials:
         if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
-            RetryFailedTrialCallback(max_retry=None)(study, t)
+            _retry_callback()(study, t)
 
 
 def _fail(trial: Any, message: str) -> None:
@@ -580,7 +594,7 @@ def _run_sweep(
     study_root.mkdir(parents=True, exist_ok=True)
     # A trial left running by a killed sweep stops sending heartbeats: it is then marked failed and re-queued with
     # the same values (Optuna >= 4.9 names the argument heartbeat_stale_trial_callback).
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=None)
+    retry = _retry_callback()
     stale_arg = "heartbeat_stale_trial_callback"
     if stale_arg not in inspect.signature(optuna.storages.RDBStorage).parameters:
         stale_arg = "failed_trial_callback"
@@ -607,6 +621,7 @@ def _run_sweep(
         trial_cfg = trial_dir / "trial_config.yaml"
         atomic_write_text(trial_cfg, yaml.safe_dump(prepare_trial_config(base, {**fixed, **values}, trial_dir)))
         trial.set_user_attr("trial_dir", str(trial_dir))
+        trial.set_user_attr("interrupted", False)  # a re-run trial inherits the user attributes of the original
         try:
             code = run(trial_cfg, trial_dir)
         except KeyboardInterrupt:
