@@ -412,7 +412,7 @@ def compression_figure(
         title: optional figure title.
 
     Returns:
-        A figure 5 inches wide per panel, 4.5 tall. With a report: kept vs pruned weights per layer (stacked bars,
+        A figure 5 inches wide per panel, 4.5 tall. With a report: kept vs pruned fraction of each layer (stacked bars,
         one pair per layer) and the bits per weight / per index of each layer. With a pruning history: validation
         accuracy against the pruned fraction (zero weights / all parameters) and against the compression of the
         weights (all parameters / non-zero weights).
@@ -433,13 +433,14 @@ def compression_figure(
         kept = np.array([float(layer["nonzero"]) for layer in layers])
         pos = np.arange(len(names))
         ax = axes.pop(0)
-        ax.bar(pos, kept, color="tab:green", label="kept")
-        ax.bar(pos, params - kept, bottom=kept, color="tab:gray", alpha=0.6, label="pruned")
-        for p, k, total in zip(pos, kept, params, strict=True):
-            ax.text(p, total, f"{100 * k / total:.1f}%" if total else "-", ha="center", va="bottom", fontsize=8)
-        ax.set_yscale("log")
+        frac = np.divide(kept, params, out=np.zeros_like(kept), where=params > 0)  # layers differ in size by 100x
+        ax.bar(pos, frac, color="tab:green", label="kept")
+        ax.bar(pos, 1.0 - frac, bottom=frac, color="tab:gray", alpha=0.6, label="pruned")
+        for p, f, k, total in zip(pos, frac, kept, params, strict=True):
+            ax.text(p, 1.0, f"{100 * f:.1f}%\n{int(k):,}/{int(total):,}", ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, 1.15)
         ax.set_xticks(pos, names, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("weights")
+        ax.set_ylabel("fraction of the layer's weights")
         ax.set_title("kept vs pruned per layer")
         ax.legend()
         ax = axes.pop(0)

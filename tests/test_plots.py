@@ -127,7 +127,7 @@ def test_compression_figure(tmp_path: Path) -> None:
     assert len(fig.axes) == 4
     bars, bits, acc_zero, acc_rate = fig.axes
     kept = [p.get_height() for p in bars.patches[: len(report["layers"])]]
-    assert kept == [layer["nonzero"] for layer in report["layers"]]
+    assert kept == pytest.approx([layer["nonzero"] / layer["params"] for layer in report["layers"]])
     assert [p.get_height() for p in bits.patches[: len(report["layers"])]] == [
         layer["bits_per_weight"] for layer in report["layers"]
     ]
