@@ -60,7 +60,7 @@ def should_log_step(module: pl.LightningModule) -> bool:
     if trainer is None:
         return True
     connector = getattr(trainer, "_logger_connector", None)  # Lightning's own rule, so the two never disagree
-    return bool(connector is None or connector.should_update_logs or trainer.fast_dev_run)
+    return bool(connector is None or connector.should_update_logs or getattr(trainer, "fast_dev_run", False))
 
 
 def save_hparams(module: pl.LightningModule, ignore: list[str]) -> None:
