@@ -228,9 +228,10 @@ class MixtureTable:
     * sums over weights: ``sum_i f(w_i) ~= sum_k c_k f(x_k)`` with ``c`` the linear-binning histogram of the
       weights (the exact sum of the interpolant), so the mixture's gradients need one ``(G, 3(J+1)+1)`` product.
 
-    The grid spacing is ``h = spacing * min_j sigma_j`` (at most ``max_grid`` points), so the interpolation error
-    is ``O((h / sigma)^2)``: about ``1e-6``-``1e-5`` relative for the default ``spacing = 0.05`` (measured in the
-    tests and the benchmark).
+    The grid spacing is ``h = spacing * min_j sigma_j`` (at most ``max_grid`` points; ``needed`` says how many the
+    spacing asked for), so the interpolation error is ``O(spacing^2)``: the steepest places are the transitions
+    between a narrow component and its neighbours; for the default ``spacing = 0.025`` the relative error of the
+    gradients is about ``5e-5`` on a mixture with a 10x narrower zero component (measured in the tests).
 
     Args:
         means, log_precisions, log_pis: the mixture, ``(J+1,)`` each.
@@ -246,9 +247,9 @@ class MixtureTable:
         log_pis: torch.Tensor,
         lo: float,
         hi: float,
-        spacing: float = 0.05,
+        spacing: float = 0.025,
         min_grid: int = 1024,
-        max_grid: int = 1 << 14,
+        max_grid: int = 1 << 16,
     ) -> None:
         m = means.detach().double()
         lp = log_precisions.detach().double()
@@ -258,7 +259,8 @@ class MixtureTable:
             hi = lo + sigma_min
         pad = 1e-6 * (hi - lo)
         lo, hi = lo - pad, hi + pad
-        n = int(min(max(math.ceil((hi - lo) / (spacing * sigma_min)) + 1, min_grid), max_grid))
+        self.needed = int(math.ceil((hi - lo) / (spacing * sigma_min)) + 1)
+        n = int(min(max(self.needed, min_grid), max_grid))
         x = torch.linspace(lo, hi, n, dtype=torch.float64, device=means.device)
         const, prec = _component_log_terms(m, lp, lpi)
         d = x.unsqueeze(-1) - m  # (G, J+1)
@@ -271,6 +273,7 @@ class MixtureTable:
         self.size = n
         self.lo = lo
         self.inv_h = (n - 1) / (hi - lo)
+        self.h = (hi - lo) / (n - 1)
         dtype = means.dtype
         # (G, 2) rows (g[k], g[k+1] - g[k]) packed so one 8-byte gather fetches both (G-1 cells, last row unused)
         pair = torch.stack([g, torch.diff(g, append=g[-1:])], dim=-1).to(dtype).contiguous()
@@ -316,7 +319,9 @@ class MixtureTable:
         """``(nll, grad_means, grad_log_precisions, grad_log_pis)`` of all weights passed to :meth:`accumulate_grad`."""
         tot = self.stat_sum @ self.stats  # (1 + 3(J+1),)
         nll = tot[0]
-        sums = tot[1:].view(3, -1)
+        sums = tot[1:].view(3, -1).clone()
+        # Sheppard's correction: interpolating d^2 linearly overestimates it by t(1-t) h^2, 1/6 h^2 on average
+        sums[2] -= sums[0] * (self.h**2 / 6.0)
         gm, gl, gp = _mixture_param_grads(sums, self.prec)
         return nll, gm, gl, gp
 

@@ -106,7 +106,8 @@ class GMMPrior(Callback):
         init_std: initial standard deviation of the components.
         lr_means, lr_log_precisions, lr_mixing: Adam learning rates of the mixture's parameter groups.
         method: ``"table"`` (interpolated, fast), ``"exact"`` (chunked, ``J+1`` times the work) or ``"auto"``
-            (table unless there are fewer weights than grid points).
+            (the table, unless the weights are fewer than its points or the mixture's narrowest component would need
+            more than its 65536 points for ``grid_spacing``: then exact).
         grid_spacing: table spacing in units of the smallest component std (error ~ spacing^2, see ``MixtureTable``).
         merge_threshold: merge components closer than this (symmetric KL, or mean distance) before quantizing.
         merge_criterion: ``"kl"`` or ``"mean"``.
@@ -134,7 +135,7 @@ class GMMPrior(Callback):
         lr_log_precisions: float = 3e-3,
         lr_mixing: float = 3e-3,
         method: str = "auto",
-        grid_spacing: float = 0.05,
+        grid_spacing: float = 0.025,
         merge_threshold: float = 0.1,
         merge_criterion: str = "kl",
         quantize_on_end: bool = True,
@@ -338,10 +339,14 @@ class GMMPrior(Callback):
             for p in self._params.values():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+            table: MixtureTable | None = None
             if self._use_table():
                 lo = min(r[0] for r in ranges)
                 hi = max(r[1] for r in ranges)
                 table = MixtureTable(means, lp, lpi, lo, hi, spacing=self.grid_spacing)
+                if self.method == "auto" and table.needed > table.size:
+                    table = None  # too narrow a component for the grid: exact (slower) rather than inaccurate
+            if table is not None:
                 for p in self._params.values():
                     table.accumulate_grad(p.detach(), p.grad, alpha=scale)  # type: ignore[arg-type]
                 nll, gm, gl, gp = table.result()
