@@ -252,6 +252,9 @@ class GMMPrior(Callback):
         self.num_weights = sum(p.numel() for p in params.values())
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank (it broadcasts)
         self.mixture.to(device=pl_module.device, dtype=torch.float32)
+        with torch.no_grad():  # own storage: under ddp_spawn on CPU the pickled tensors share memory across ranks
+            for p in self.mixture.parameters():
+                p.data = p.data.clone()
         if not self.initialized:
             with torch.no_grad():
                 lo = min(float(p.min()) for p in params.values())
