@@ -297,3 +297,15 @@ def test_warmup_and_callable_tau() -> None:
     assert [cb.current_tau(e) for e in range(5)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
     assert GMMPrior(tau=lambda e: 0.5 * e).current_tau(4) == 2.0
     assert copy.deepcopy(cb).current_tau(0) == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("name", ["lenet300_100_sws", "lenet5_caffe_sws"])
+def test_sws_configs_parse(name: str) -> None:
+    from distill.cli import DistillCLI
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "mnist" / f"{name}.yaml"
+    cli = DistillCLI(args=["-c", str(config), "--data.init_args.download", "false"], run=False)
+    kinds = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert kinds.index("LoadWeights") < kinds.index("GMMPrior")
+    gmm = next(c for c in cli.trainer.callbacks if isinstance(c, GMMPrior))
+    assert gmm.num_components == 16 and gmm.tau == 0.005

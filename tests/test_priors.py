@@ -105,9 +105,9 @@ def test_responsibilities_and_assignment() -> None:
 
 def test_hyperprior_densities_match_torch_distributions() -> None:
     x = torch.tensor([0.5, 3.0, 2500.0], dtype=torch.float64)
-    torch.testing.assert_close(gamma_log_prob(x, 250.0, 0.1), D.Gamma(torch.tensor(250.0).double(), torch.tensor(0.1).double()).log_prob(x))
+    torch.testing.assert_close(gamma_log_prob(x, 250.0, 0.1), D.Gamma(*torch.tensor([250.0, 0.1]).double()).log_prob(x))
     p = torch.tensor([0.1, 0.5, 0.999], dtype=torch.float64)
-    torch.testing.assert_close(beta_log_prob(p, 2.0, 3.0), D.Beta(torch.tensor(2.0).double(), torch.tensor(3.0).double()).log_prob(p))
+    torch.testing.assert_close(beta_log_prob(p, 2.0, 3.0), D.Beta(*torch.tensor([2.0, 3.0]).double()).log_prob(p))
 
 
 @pytest.mark.parametrize("pi_zero_beta", [None, (50.0, 1.0)])
@@ -120,7 +120,8 @@ def test_module_gradients_from_stats_equal_autograd(pi_zero_beta: tuple[float, f
     w = _weights(2000)
     scale = 0.37
     loss = prior.loss([w], scale=scale)
-    ref = dict(zip([n for n, _ in prior.named_parameters()], torch.autograd.grad(loss, list(prior.parameters()))))
+    names = [n for n, _ in prior.named_parameters()]
+    ref = dict(zip(names, torch.autograd.grad(loss, list(prior.parameters())), strict=True))
     res = mixture_nll_grad([w], prior.means.detach(), prior.log_precisions.detach(), prior.log_pis().detach())
     hyper = prior.backward_from_stats(res.grad_means, res.grad_log_precisions, res.grad_log_pis, scale)
     torch.testing.assert_close(scale * (res.nll + hyper), loss.detach())
