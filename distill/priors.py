@@ -238,6 +238,7 @@ class MixtureTable:
         lo, hi: range of the weights to cover (``lo < hi``).
         spacing: grid spacing in units of the smallest component standard deviation.
         min_grid, max_grid: bounds on the number of grid points.
+        chunk_size: weights processed at once in :meth:`accumulate_grad` (extra memory ~20 bytes per chunk weight).
     """
 
     def __init__(
@@ -250,6 +251,7 @@ class MixtureTable:
         spacing: float = 0.025,
         min_grid: int = 1024,
         max_grid: int = 1 << 16,
+        chunk_size: int = 1 << 20,
     ) -> None:
         m = means.detach().double()
         lp = log_precisions.detach().double()
@@ -273,6 +275,7 @@ class MixtureTable:
         self.size = n
         self.lo = lo
         self.inv_h = (n - 1) / (hi - lo)
+        self.chunk = chunk_size
         self.h = (hi - lo) / (n - 1)
         dtype = means.dtype
         # (G, 2) rows (g[k], g[k+1] - g[k]) packed so one 8-byte gather fetches both (G-1 cells, last row unused)
@@ -300,15 +303,19 @@ class MixtureTable:
 
         Weights outside ``[lo, hi]`` are extrapolated linearly from the edge cells: build the table over their range.
         """
-        k, t, rows = self._locate(w.detach())
-        flat = grad.view(-1)
-        flat.add_(rows[:, 0], alpha=alpha).addcmul_(t, rows[:, 1], value=alpha)
-        # linear binning: weight (1 - t) at cell k and t at k+1
-        counts = torch.bincount(k, minlength=self.size)
-        tw = torch.zeros(self.size, dtype=t.dtype, device=t.device).scatter_add_(0, k, t).double()
+        flat_w, flat_g = w.detach().reshape(-1), grad.view(-1)
+        counts = torch.zeros(self.size, dtype=torch.long, device=flat_g.device)
+        tw = torch.zeros(self.size, dtype=torch.float32, device=flat_g.device)
+        for wc, gc in zip(flat_w.split(self.chunk), flat_g.split(self.chunk), strict=True):  # O(chunk) extra memory
+            k, t, rows = self._locate(wc)
+            gc.add_(rows[:, 0], alpha=alpha).addcmul_(t, rows[:, 1], value=alpha)
+            # linear binning: weight (1 - t) at cell k and t at k+1
+            counts += torch.bincount(k, minlength=self.size)
+            tw.scatter_add_(0, k, t.float())
+        tw64 = tw.double()
         self.stat_sum += counts
-        self.stat_sum -= tw
-        self.stat_sum[1:] += tw[:-1]
+        self.stat_sum -= tw64
+        self.stat_sum[1:] += tw64[:-1]
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         """``d(-log p)/dw`` per weight (interpolated), shape of ``w``; does not touch the histogram."""

@@ -68,7 +68,7 @@ def test_table_gradients_within_1e4_of_exact(narrow: float) -> None:
     means, lp, lpi = _mixture(j=16, narrow=narrow)
     w = _weights(200_000).float()
     exact = mixture_nll_grad([w], means, lp, lpi)
-    table = MixtureTable(means.float(), lp.float(), lpi.float(), float(w.min()), float(w.max()))
+    table = MixtureTable(means.float(), lp.float(), lpi.float(), float(w.min()), float(w.max()), chunk_size=30_000)
     grad = torch.zeros_like(w)
     table.accumulate_grad(w, grad, alpha=1.0)
     nll, gm, gl, gp = table.result()
