@@ -1,5 +1,7 @@
 """Callbacks usable in any LightningModule: the mixture prior, pruning, compression to a file, figures."""
 
 from distill.callbacks.figures import FigureLogger
+from distill.callbacks.gmm_prior import GMMPrior
+from distill.callbacks.load_weights import LoadWeights
 
-__all__ = ["FigureLogger"]
+__all__ = ["FigureLogger", "GMMPrior", "LoadWeights"]

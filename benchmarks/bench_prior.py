@@ -1,0 +1,168 @@
+"""Cost of the soft weight-sharing prior next to a training step (CPU, or CUDA when available).
+
+Side by side, interleaved in one run: a plain training step (forward, backward, Adam step) against the same step plus
+the prior as ``GMMPrior`` applies it (tabulated gradient added to ``.grad``, mixture gradients, mixture Adam step),
+against the naive ``N x (J+1)`` autograd version; relative error of the prior's weight gradient against the exact
+float64 one; on VGG19BN the extra peak memory and the step-time ratio.
+
+    python benchmarks/bench_prior.py                 # LeNet-300-100, LeNet5Caffe, VGG19BN (batch 8)
+    python benchmarks/bench_prior.py --skip-vgg --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.callbacks.gmm_prior import GMMPrior  # noqa: E402
+from distill.priors import mixture_nll_grad  # noqa: E402
+from models.lenet import LeNet5Caffe, LeNet300100  # noqa: E402
+from models.vgg import VGG19BN  # noqa: E402
+
+
+def setup(model: nn.Module, device: torch.device, method: str = "auto") -> tuple[GMMPrior, list[nn.Parameter]]:
+    cb = GMMPrior(num_components=16, quantize_on_end=False, save_weights=False, method=method, dataset_size=60000)
+    cb._params = cb.filter_parameters(model)  # type: ignore[arg-type]
+    cb.num_weights = sum(p.numel() for p in cb._params.values())
+    weights = list(cb._params.values())
+    with torch.no_grad():
+        lo, hi = min(float(w.min()) for w in weights), max(float(w.max()) for w in weights)
+        cb.mixture.free_means.copy_(torch.linspace(lo, hi, 16))
+        cb.mixture.log_precisions.fill_(-2 * torch.log(torch.tensor(0.02)).item())  # trained-like widths
+    cb.mixture.to(device)
+    cb.optimizer = cb._build_optimizer()
+    return cb, weights
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], device: torch.device, reps: int,
+          naive: bool) -> dict[str, Any]:
+    model = model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, *in_shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    cb, weights = setup(model, device)
+    scale = 5e-3 / 60000
+
+    def plain() -> None:
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def with_prior() -> None:
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        cb.apply_prior_gradient(scale)
+        cb.optimizer.step()  # type: ignore[union-attr]
+        opt.step()
+
+    def naive_step() -> None:
+        opt.zero_grad(set_to_none=False)
+        mix = cb.mixture
+        loss = F.cross_entropy(model(x), y)
+        w = torch.cat([p.reshape(-1) for p in weights])
+        d = w.unsqueeze(-1) - mix.means  # (N, J+1) through autograd
+        logp = torch.logsumexp(mix.log_pis() + 0.5 * mix.log_precisions - 0.5 * mix.log_precisions.exp() * d * d
+                               - 0.9189385332046727, dim=-1)
+        (loss + scale * (-logp.sum() + mix.hyperprior_nll())).backward()
+        opt.step()
+
+    fns = {"plain": plain, "prior": with_prior}
+    if naive:
+        fns["naive"] = naive_step
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():  # warm-up
+        f()
+    for _ in range(reps):  # interleaved so that load on the machine hits both alike
+        for k, f in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            f()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    # gradient accuracy of the step's prior gradient vs the exact float64 one
+    for p in weights:
+        p.grad = torch.zeros_like(p)
+    cb.apply_prior_gradient(1.0)
+    got = torch.cat([p.grad.reshape(-1) for p in weights]).double()  # type: ignore[union-attr]
+    mix = cb.mixture
+    ref = mixture_nll_grad([p.detach().double() for p in weights], mix.means.detach().double(),
+                           mix.log_precisions.detach().double(), mix.log_pis().detach().double(), chunk_size=1 << 18)
+    exact = torch.cat([g.reshape(-1) for g in ref.grad_w])
+    rel = float((got - exact).norm() / exact.norm())
+    out = {"model": name, "weights": cb.num_weights, "batch": batch, "device": str(device),
+           "plain_ms": round(med["plain"], 3), "prior_ms": round(med["prior"], 3),
+           "ratio": round(med["prior"] / med["plain"], 3), "grad_rel_err": rel}
+    if naive:
+        out["naive_ms"] = round(med["naive"], 3)
+        out["naive_ratio"] = round(med["naive"] / med["plain"], 2)
+    return out
+
+
+def peak_extra_memory(device: torch.device, batch: int) -> dict[str, Any]:
+    """Extra peak memory of one prior application on VGG19BN (CUDA: allocator peak; CPU: tracemalloc-free estimate
+    via torch's CPU allocations is not exposed, so the RSS high-water mark of the prior alone is measured)."""
+    model = VGG19BN().to(device)
+    cb, weights = setup(model, device)
+    for p in weights:
+        p.grad = torch.zeros_like(p)
+    n = cb.num_weights
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        cb.apply_prior_gradient(1e-7)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+    else:
+        import resource
+
+        gc.collect()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        cb.apply_prior_gradient(1e-7)
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"model": "VGG19BN", "weights": n, "extra_peak_bytes": int(extra),
+            "extra_bytes_per_weight": round(extra / n, 2), "naive_would_need_bytes": n * 17 * 4 * 3}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--skip-vgg", action="store_true")
+    parser.add_argument("--vgg-batch", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = []
+    if not args.skip_vgg:  # memory first, while the process's RSS high-water mark is low
+        results.append(peak_extra_memory(device, args.vgg_batch))
+        print(json.dumps(results[-1]), flush=True)
+    for name, model, shape in (("LeNet-300-100", LeNet300100(), (1, 28, 28)), ("LeNet5Caffe", LeNet5Caffe(), (1, 28, 28))):
+        results.append(bench(name, model, 128, shape, device, args.reps, naive=True))
+        print(json.dumps(results[-1]), flush=True)
+    if not args.skip_vgg:
+        results.append(bench("VGG19BN", VGG19BN(), args.vgg_batch, (3, 32, 32), device, max(3, args.reps // 10),
+                             naive=False))
+        print(json.dumps(results[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,571 @@
+"""Soft weight-sharing as a Lightning callback: a learned Gaussian-mixture prior on the weights.
+
+Ullrich, Meeds & Welling, "Soft Weight-Sharing for Neural Network Compression" (ICLR 2017). While any
+LightningModule (re)trains, the compressed weights are pulled towards a mixture of ``J + 1`` Gaussians learned at the
+same time; at the end every weight is set to the mean of its most responsible component (``quantize``).
+
+How the prior enters training, without touching the module's loss
+-------------------------------------------------------------------
+A callback cannot change what ``training_step`` returns, so the prior's *gradient* is added instead, in
+``on_before_optimizer_step``: Lightning calls it once per optimizer step, after the backward passes of all
+accumulated batches, after AMP's unscaling and before gradient clipping. There the callback
+
+1. adds ``scale * d(-sum log p(w))/dw`` to each compressed parameter's ``.grad`` (analytic, float32; see
+   :mod:`distill.priors`: a per-weight function, interpolated from a fine table or computed exactly in chunks),
+2. sets the mixture parameters' gradients (value and hyper-prior terms, same scale) and steps their own Adam
+   optimizer (groups ``means``, ``log_precisions``, ``mixing`` with their own learning rates).
+
+The result equals one backward pass of ``loss + scale * prior`` (tested with accumulation, clipping, bf16 autocast
+and DDP). The mixture has its *own* optimizer rather than extra param groups in the module's optimizer because
+torch's LR schedulers zip their per-group lists with ``strict=True`` (``CosineAnnealingLR`` raises on a group added
+later), ``ReduceLROnPlateau`` indexes ``min_lrs`` per group, an optimizer's ``weight_decay`` default would leak into
+the mixture, and the mixture learns with Adam whatever the network's optimizer (as in the paper's tutorial). Its
+state lives in this callback's ``state_dict``, so a resumed run continues exactly. Under 16-bit AMP the mixture
+step is skipped whenever the gradient scaler skips the network's step.
+
+Scaling: ``scale = tau / N`` with ``N`` the training-set size (the tutorial's choice: the data term is a mean over
+a batch, the prior a sum over all weights, so ``tau`` trades the whole-data likelihood against the prior).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+from typing_extensions import override
+
+from distill.priors import (
+    GaussianMixturePrior,
+    MixtureTable,
+    assign_components,
+    merge_components,
+    mixture_log_prob,
+    mixture_nll_grad,
+    quantize_weights,
+)
+
+__all__ = ["GMMPrior"]
+
+METHODS = ("auto", "exact", "table")
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _positive_pair(name: str, value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be None or a pair (a, b) of positive numbers, got {value!r}") from None
+    if not (a > 0 and b > 0):
+        raise ValueError(f"{name} must be None or a pair (a, b) of positive numbers, got {value!r}")
+    return a, b
+
+
+class GMMPrior(Callback):
+    """Train the compressed weights of any LightningModule under a learned Gaussian-mixture prior.
+
+    Logs ``gmm/mean_{j}``, ``gmm/std_{j}``, ``gmm/pi_{j}`` (every ``log_every_n_steps`` and at each epoch end),
+    ``gmm/prior_loss`` (every step), ``gmm/significant`` (components that own at least one weight after merging)
+    and, with TensorBoard, a histogram of each compressed layer's weights per epoch. Writes ``gmm_history.json`` and
+    ``gmm_weights.npz`` into the run folder.
+
+    Args:
+        num_components: ``J >= 1`` non-zero components (plus the zero component).
+        tau: weight of the prior: a number, or a function ``epoch -> tau``.
+        warmup_epochs: ramp ``tau`` linearly over this many epochs (factor ``(epoch + 1) / (warmup_epochs + 1)``).
+        dataset_size: ``N`` in ``tau / N``; ``None`` infers it from the train dataloader (its dataset's length, else
+            batches x batch size x world size).
+        pi_zero: mixing weight of the zero component (fixed, or initial when ``pi_zero_beta`` is set).
+        pi_zero_beta: ``(a, b)`` of a Beta hyper-prior on ``pi_0`` to learn it, or ``None`` to keep it fixed.
+        gamma_zero: ``(alpha, beta)`` of the Gamma hyper-prior on the zero component's precision, or ``None``.
+        gamma: ``(alpha, beta)`` of the Gamma hyper-prior on the other precisions, or ``None``.
+        init_std: initial standard deviation of the components.
+        lr_means, lr_log_precisions, lr_mixing: Adam learning rates of the mixture's parameter groups.
+        method: ``"table"`` (interpolated, fast), ``"exact"`` (chunked, ``J+1`` times the work) or ``"auto"``
+            (the table, unless the weights are fewer than its points or the mixture's narrowest component would need
+            more than its 65536 points for ``grid_spacing``: then exact).
+        grid_spacing: table spacing in units of the smallest component std (error ~ spacing^2, see ``MixtureTable``).
+        merge_threshold: merge components closer than this (symmetric KL, or mean distance) before quantizing.
+        merge_criterion: ``"kl"`` or ``"mean"``.
+        quantize_on_end: quantize the weights at the end of training.
+        log_histograms: log per-layer weight histograms to TensorBoard each epoch.
+        log_every_n_steps: how often to log the components; ``None`` follows the trainer.
+        save_weights: write ``gmm_weights.npz`` (all compressed weights at start, end, after quantization).
+
+    Raises:
+        ValueError: on an argument outside its range (the message names it).
+    """
+
+    def __init__(
+        self,
+        num_components: int = 16,
+        tau: float | Callable[[int], float] = 5e-3,
+        warmup_epochs: int = 0,
+        dataset_size: int | None = None,
+        pi_zero: float = 0.999,
+        pi_zero_beta: tuple[float, float] | None = None,
+        gamma_zero: tuple[float, float] | None = (5000.0, 2.0),
+        gamma: tuple[float, float] | None = (250.0, 0.1),
+        init_std: float = 0.25,
+        lr_means: float = 1e-4,
+        lr_log_precisions: float = 3e-3,
+        lr_mixing: float = 3e-3,
+        method: str = "auto",
+        grid_spacing: float = 0.025,
+        merge_threshold: float = 0.1,
+        merge_criterion: str = "kl",
+        quantize_on_end: bool = True,
+        log_histograms: bool = True,
+        log_every_n_steps: int | None = None,
+        save_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
+            raise ValueError(f"num_components must be an integer J >= 1, got {num_components!r}")
+        if not callable(tau) and not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"tau must be a number >= 0 or a function epoch -> tau, got {tau!r}")
+        if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
+        if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
+            raise ValueError(f"dataset_size must be None or a positive integer, got {dataset_size!r}")
+        if not 0.0 < pi_zero < 1.0:
+            raise ValueError(f"pi_zero must be in (0, 1), got {pi_zero!r}")
+        for name, lr in (("lr_means", lr_means), ("lr_log_precisions", lr_log_precisions), ("lr_mixing", lr_mixing)):
+            if not (isinstance(lr, (int, float)) and lr >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {lr!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not grid_spacing > 0:
+            raise ValueError(f"grid_spacing must be > 0, got {grid_spacing!r}")
+        if merge_criterion not in ("kl", "mean"):
+            raise ValueError(f"merge_criterion must be 'kl' or 'mean', got {merge_criterion!r}")
+        if not merge_threshold >= 0:
+            raise ValueError(f"merge_threshold must be >= 0, got {merge_threshold!r}")
+        if not init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {init_std!r}")
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be None or >= 1, got {log_every_n_steps!r}")
+        self.num_components = num_components
+        self.tau = tau
+        self.warmup_epochs = warmup_epochs
+        self.dataset_size = dataset_size
+        self.lrs = {"means": float(lr_means), "log_precisions": float(lr_log_precisions), "mixing": float(lr_mixing)}
+        self.method = method
+        self.grid_spacing = float(grid_spacing)
+        self.merge_threshold = float(merge_threshold)
+        self.merge_criterion = merge_criterion
+        self.quantize_on_end = quantize_on_end
+        self.log_histograms = log_histograms
+        self.log_every_n_steps = log_every_n_steps
+        self.save_weights = save_weights
+        self.mixture = GaussianMixturePrior(
+            num_components,
+            init_std=init_std,
+            pi_zero=pi_zero,
+            pi_zero_beta=_positive_pair("pi_zero_beta", pi_zero_beta),
+            gamma_zero=_positive_pair("gamma_zero", gamma_zero),
+            gamma=_positive_pair("gamma", gamma),
+        )
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.initialized = False
+        self.history: dict[str, Any] = self._empty_history()
+        self.merged: dict[str, list[float]] | None = None
+        self.last_prior_loss: float | None = None
+        self.num_weights = 0
+        self._params: dict[str, nn.Parameter] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._run_dir: Path | None = None
+        self._initial: np.ndarray | None = None
+        self._final: np.ndarray | None = None
+        self._record_at_start = False
+
+    # -- extension points ----------------------------------------------------------------------------------------------
+    def filter_parameters(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
+        """The parameters to compress, by dotted name. Default: the ``weight`` of every Linear and Conv layer.
+
+        Override in a subclass to choose others (biases and normalisation layers stay full precision by default).
+        """
+        out: dict[str, nn.Parameter] = {}
+        for mod_name, mod in pl_module.named_modules():
+            if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.weight.requires_grad:
+                weight = mod.weight
+                assert isinstance(weight, nn.Parameter)
+                out[f"{mod_name}.weight" if mod_name else "weight"] = weight
+        return out
+
+    def current_tau(self, epoch: int) -> float:
+        """``tau`` at ``epoch`` (the function or value, times the warm-up ramp)."""
+        tau = float(self.tau(epoch)) if callable(self.tau) else float(self.tau)
+        if self.warmup_epochs > 0:
+            tau *= min(1.0, (epoch + 1) / (self.warmup_epochs + 1))
+        return tau
+
+    # -- setup ---------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _empty_history() -> dict[str, Any]:
+        keys = ("epochs", "steps", "means", "stds", "pis", "prior_loss", "significant")
+        return {k: [] for k in keys}
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        groups = [
+            {"params": params, "lr": self.lrs[name], "name": name} for name, params in self.mixture.groups().items()
+        ]
+        return torch.optim.Adam(groups)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = self.filter_parameters(pl_module)
+        if not params:
+            raise ValueError(
+                f"GMMPrior: filter_parameters found no parameter to compress in {type(pl_module).__name__} "
+                "(default: weights of Linear/Conv layers); override filter_parameters to choose some"
+            )
+        optimised = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        missing = [n for n, p in params.items() if id(p) not in optimised]
+        if missing:
+            raise ValueError(f"GMMPrior: parameters {missing} are not in any optimizer of the module")
+        self._params = params
+        self.num_weights = sum(p.numel() for p in params.values())
+        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank (it broadcasts)
+        self.mixture.to(device=pl_module.device, dtype=torch.float32)
+        with torch.no_grad():  # own storage: under ddp_spawn on CPU the pickled tensors share memory across ranks
+            for p in self.mixture.parameters():
+                p.data = p.data.clone()
+        if not self.initialized:
+            with torch.no_grad():
+                lo = min(float(p.min()) for p in params.values())
+                hi = max(float(p.max()) for p in params.values())
+                j = self.num_components
+                means = torch.linspace(lo, hi, j) if j > 1 else torch.tensor([0.5 * (lo + hi)])
+                self.mixture.free_means.copy_(means)
+        self.optimizer = self._build_optimizer()
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+        self._record_at_start = not self.initialized  # a resumed run already has its first record
+        self.initialized = True
+        if self.save_weights and self._initial is None:
+            self._initial = self._flat_weights()  # on resume: the weights at resume time
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.dataset_size is None:  # the train dataloader exists from here on, not in on_fit_start
+            self.dataset_size = self._infer_dataset_size(trainer)
+        if self._record_at_start:
+            self._record(trainer, exact_loss=True)
+            self._write_weights(trainer)
+            self._record_at_start = False
+
+    @staticmethod
+    def _infer_dataset_size(trainer: pl.Trainer) -> int:
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        try:
+            n = len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            batch = getattr(loader, "batch_size", None) or 1
+            n = int(trainer.num_training_batches * batch * trainer.world_size)
+        if not n >= 1:
+            raise ValueError("GMMPrior: could not infer the training-set size; pass dataset_size=N")
+        return int(n)
+
+    # -- the prior's gradient ------------------------------------------------------------------------------------------
+    def _use_table(self) -> bool:
+        if self.method == "exact":
+            return False
+        if self.method == "table":
+            return True
+        return self.num_weights > 4096 * (self.num_components + 1) // 4
+
+    def _check_finite(self, what: str, value: torch.Tensor, step: int) -> None:
+        if not bool(torch.isfinite(value).all()):
+            raise FloatingPointError(f"GMMPrior: non-finite value in {what} at global step {step}")
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self._params or self.optimizer is None:
+            return
+        first = next(iter(self._params.values()))
+        if not any(p is first for g in optimizer.param_groups for p in g["params"]):
+            return  # another optimizer (manual optimization with several)
+        scale = self.current_tau(trainer.current_epoch) / float(self.dataset_size or 1)
+        self.apply_prior_gradient(scale=scale, step=trainer.global_step)
+        if not self._network_step_skipped(trainer, optimizer):
+            self.optimizer.step()
+
+    def apply_prior_gradient(self, scale: float, step: int = -1) -> float:
+        """Add ``scale * d prior / dw`` to the compressed weights' ``.grad``, set the mixture's ``.grad``.
+
+        Returns:
+            the prior's loss term ``scale * (-sum log p(w) + hyper-prior)``.
+
+        Raises:
+            FloatingPointError: on NaN/inf in a weight or the mixture (naming it and the step).
+        """
+        mix = self.mixture
+        for name, p in mix.named_parameters():
+            self._check_finite(f"mixture parameter {name!r}", p.detach(), step)
+        with torch.no_grad():
+            means, lp, lpi = mix.means.detach(), mix.log_precisions.detach(), mix.log_pis().detach()
+            ranges = []
+            for name, p in self._params.items():
+                lo_hi = torch.aminmax(p.detach().float())
+                if not (math.isfinite(float(lo_hi.min)) and math.isfinite(float(lo_hi.max))):
+                    raise FloatingPointError(f"GMMPrior: non-finite value in parameter {name!r} at global step {step}")
+                ranges.append((float(lo_hi.min), float(lo_hi.max)))
+            for p in self._params.values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            table: MixtureTable | None = None
+            if self._use_table():
+                lo = min(r[0] for r in ranges)
+                hi = max(r[1] for r in ranges)
+                table = MixtureTable(means, lp, lpi, lo, hi, spacing=self.grid_spacing)
+                if self.method == "auto" and table.needed > table.size:
+                    table = None  # too narrow a component for the grid: exact (slower) rather than inaccurate
+            if table is not None:
+                for p in self._params.values():
+                    table.accumulate_grad(p.detach(), p.grad, alpha=scale)  # type: ignore[arg-type]
+                nll, gm, gl, gp = table.result()
+                gm, gl, gp = gm.float(), gl.float(), gp.float()
+            else:
+                res = mixture_nll_grad([p.detach() for p in self._params.values()], means, lp, lpi)
+                for p, g in zip(self._params.values(), res.grad_w, strict=True):
+                    p.grad.add_(g.to(p.grad.dtype), alpha=scale)  # type: ignore[union-attr]
+                nll, gm, gl, gp = res.nll, res.grad_means, res.grad_log_precisions, res.grad_log_pis
+        hyper = mix.backward_from_stats(gm, gl, gp, scale)
+        for name, p in mix.named_parameters():
+            self._check_finite(f"the gradient of mixture parameter {name!r}", p.grad, step)  # type: ignore[arg-type]
+        loss = scale * (float(nll) + float(hyper))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"GMMPrior: non-finite prior loss {loss} at global step {step}")
+        self.last_prior_loss = loss
+        return loss
+
+    @staticmethod
+    def _network_step_skipped(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether 16-bit AMP's gradient scaler found inf/NaN and will skip the network's step."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None:
+            return False
+        state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+        found = state.get("found_inf_per_device", {})
+        return any(float(v.item()) > 0 for v in found.values())
+
+    # -- logging and records -------------------------------------------------------------------------------------------
+    def _components(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for key, values in (("mean", self.mixture.means), ("std", self.mixture.stds), ("pi", self.mixture.pis)):
+                for j, v in enumerate(values.tolist()):
+                    out[f"gmm/{key}_{j}"] = v
+        return out
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.last_prior_loss is not None:
+            pl_module.log("gmm/prior_loss", self.last_prior_loss, on_step=True, on_epoch=True, sync_dist=False)
+        every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50)
+        if trainer.logger is not None and every and trainer.global_step % every == 0:
+            trainer.logger.log_metrics(self._components(), step=trainer.global_step)
+
+    def _flat_weights(self) -> np.ndarray:
+        with torch.no_grad():
+            flat = [p.detach().reshape(-1).float().cpu() for p in self._params.values()]
+        return torch.cat(flat).numpy() if flat else np.zeros(0, np.float32)
+
+    def _significant(self) -> int:
+        """Components (after merging) that are the most responsible for at least one weight."""
+        with torch.no_grad():
+            m, s, pi = merge_components(
+                self.mixture.means.detach().double(),
+                self.mixture.stds.detach().double(),
+                self.mixture.pis.detach().double(),
+                self.merge_threshold,
+                self.merge_criterion,
+            )
+            used = torch.zeros(m.numel(), dtype=torch.bool)
+            lp, lpi = -2.0 * s.log(), pi.clamp_min(1e-300).log()
+            for p in self._params.values():
+                w = p.detach().reshape(-1).double()
+                idx = assign_components(w, m.to(w.device), lp.to(w.device), lpi.to(w.device))
+                used[idx.unique().cpu()] = True
+        return int(used.sum())
+
+    def _exact_prior_loss(self, scale: float) -> float:
+        with torch.no_grad():
+            mix = self.mixture
+            means, lp, lpi = mix.means, mix.log_precisions, mix.log_pis()
+            nll = sum(float(-mixture_log_prob(p.detach().float(), means, lp, lpi).sum()) for p in self._params.values())
+            return scale * (nll + float(mix.hyperprior_nll()))
+
+    def _record(self, trainer: pl.Trainer, exact_loss: bool = False) -> None:
+        h = self.history
+        scale = self.current_tau(trainer.current_epoch) / float(self.dataset_size or 1)
+        loss = self._exact_prior_loss(scale) if exact_loss or self.last_prior_loss is None else self.last_prior_loss
+        with torch.no_grad():
+            h["epochs"].append(int(trainer.current_epoch))
+            h["steps"].append(int(trainer.global_step))
+            h["means"].append(self.mixture.means.tolist())
+            h["stds"].append(self.mixture.stds.tolist())
+            h["pis"].append(self.mixture.pis.tolist())
+        h["prior_loss"].append(float(loss))
+        significant = self._significant()
+        h["significant"].append(significant)
+        if trainer.logger is not None:
+            metrics = self._components()
+            metrics["gmm/significant"] = float(significant)
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        self._write_history(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer)
+        logger = trainer.logger
+        if self.log_histograms and isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+            for name, p in self._params.items():
+                logger.experiment.add_histogram(f"gmm/weights/{name}", p.detach().float().cpu(), trainer.global_step)
+
+    def _history_json(self) -> dict[str, Any]:
+        mix = self.mixture
+        out = dict(self.history)
+        out["hyperprior"] = {
+            "gamma_zero": list(mix.gamma_zero) if mix.gamma_zero else None,
+            "gamma": list(mix.gamma) if mix.gamma else None,
+            "pi_zero_beta": list(mix.pi_zero_beta) if mix.pi_zero_beta else None,
+            "pi_zero": mix.pi_zero_init,
+            "tau": None if callable(self.tau) else float(self.tau),
+            "dataset_size": self.dataset_size,
+        }
+        out["merged"] = self.merged
+        return out
+
+    def _write_history(self, trainer: pl.Trainer | None) -> None:
+        if self._run_dir is None or (trainer is not None and not trainer.is_global_zero):
+            return
+        text = json.dumps(self._history_json(), indent=1)
+        _atomic_write(self._run_dir / "gmm_history.json", lambda tmp: None if Path(tmp).write_text(text) else None)
+
+    def _write_weights(self, trainer: pl.Trainer | None, quantized: np.ndarray | None = None) -> None:
+        if not self.save_weights or self._run_dir is None or (trainer is not None and not trainer.is_global_zero):
+            return
+        arrays = {"initial": self._initial, "final": self._final, "quantized": quantized}
+        present = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items() if v is not None}
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **present)  # type: ignore[arg-type]
+
+        _atomic_write(self._run_dir / "gmm_weights.npz", write)
+
+    def output_paths(self) -> dict[str, str]:
+        """Files this callback wrote (for the CLI's summary)."""
+        if self._run_dir is None:
+            return {}
+        out = {"gmm history": str(self._run_dir / "gmm_history.json")}
+        if self.save_weights:
+            out["gmm weights"] = str(self._run_dir / "gmm_weights.npz")
+        return out
+
+    # -- the end: merge and quantize -----------------------------------------------------------------------------------
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_weights:
+            self._final = self._flat_weights()
+        if self.quantize_on_end:
+            self.quantize(pl_module, trainer=trainer)
+        else:
+            self._write_weights(trainer)
+
+    def quantize(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> dict[str, torch.Tensor]:
+        """Merge close components, set every compressed weight to its most responsible component's mean.
+
+        Members of the zero component become exactly 0. Idempotent: a second call changes nothing.
+
+        Args:
+            pl_module: the module whose compressed parameters (``filter_parameters``) are quantized in place.
+            trainer: optional, for writing the artifacts only on global rank zero.
+
+        Returns:
+            ``{"*": codebook}``: the merged means (one global codebook, zero first), float32.
+        """
+        params = self._params or self.filter_parameters(pl_module)
+        if not params:
+            raise ValueError(f"GMMPrior.quantize: no parameter to quantize in {type(pl_module).__name__}")
+        with torch.no_grad():
+            m, s, pi = merge_components(
+                self.mixture.means.detach().double().cpu(),
+                self.mixture.stds.detach().double().cpu(),
+                self.mixture.pis.detach().double().cpu(),
+                self.merge_threshold,
+                self.merge_criterion,
+            )
+            for p in params.values():
+                q, _ = quantize_weights(p.detach(), m.to(p.device), s.to(p.device), pi.to(p.device))
+                p.copy_(q)
+        self.merged = {"means": m.tolist(), "stds": s.tolist(), "pis": pi.tolist()}
+        if trainer is None or trainer.is_global_zero:
+            self._write_history(trainer)
+            if self.save_weights and self._run_dir is not None:
+                self._write_weights(trainer, quantized=self._flat_weights())
+        return {"*": m.float()}
+
+    # -- checkpointing -------------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mixture": {k: v.detach().cpu().clone() for k, v in self.mixture.state_dict().items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "initialized": self.initialized,
+            "dataset_size": self.dataset_size,
+            "history": json.loads(json.dumps(self.history)),
+            "merged": self.merged,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.optimizer is None:  # before on_fit_start (the usual order): applied once the optimizer exists
+            self._pending_state = state_dict
+            self.mixture.load_state_dict(state_dict["mixture"])
+            self.initialized = bool(state_dict["initialized"])
+            return
+        self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        device = self.mixture.free_means.device
+        self.mixture.load_state_dict({k: v.to(device) for k, v in state["mixture"].items()})
+        if state.get("optimizer") is not None and self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.initialized = bool(state["initialized"])
+        if self.dataset_size is None and state.get("dataset_size") is not None:
+            self.dataset_size = int(state["dataset_size"])
+        self.history = state.get("history") or self._empty_history()
+        self.merged = state.get("merged")

@@ -1,0 +1,595 @@
+"""The Gaussian-mixture prior of soft weight-sharing: pure functions and a small ``nn.Module``.
+
+Ullrich, Meeds & Welling, "Soft Weight-Sharing for Neural Network Compression" (ICLR 2017). All compressed weights
+``w_1..w_N`` share one mixture of ``J + 1`` Gaussians; component 0 has its mean fixed at 0 and a large mixing weight
+``pi_0`` so most weights collapse onto it (pruning), the other ``J`` components become the shared values
+(quantization).
+
+.. math::
+
+    p(w) = \\sum_{j=0}^{J} \\pi_j \\, \\mathcal{N}(w \\mid \\mu_j, \\lambda_j^{-1}), \\qquad
+    \\mathcal{L}_{prior} = -\\sum_i \\log p(w_i) - \\sum_j \\log \\mathrm{Gamma}(\\lambda_j \\mid \\alpha_j, \\beta_j)
+    \\; [- \\log \\mathrm{Beta}(\\pi_0 \\mid a, b)]
+
+The per-weight gradient only depends on the weight itself (given the mixture):
+
+.. math::
+
+    \\frac{\\partial(-\\log p(w))}{\\partial w} = \\sum_j r_j(w) \\, \\lambda_j (w - \\mu_j), \\qquad
+    r_j(w) = \\frac{\\pi_j \\mathcal{N}(w \\mid \\mu_j, \\lambda_j^{-1})}{p(w)}
+
+so nothing here materialises an ``N x (J+1)`` tensor: :func:`mixture_nll_grad` works on chunks of weights
+(``O(chunk * (J+1))`` extra memory) and :class:`MixtureTable` tabulates the per-weight functions on a fine grid once
+per step and interpolates them (``O(grid * (J+1)) + O(N)``), which is what makes the prior cheap next to a
+training step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "GaussianMixturePrior",
+    "MixtureGrad",
+    "MixtureTable",
+    "assign_components",
+    "beta_log_prob",
+    "gamma_log_prob",
+    "merge_components",
+    "mixture_log_prob",
+    "mixture_nll_grad",
+    "quantize_weights",
+    "responsibilities",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+DEFAULT_CHUNK = 1 << 16
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Densities
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _component_log_terms(
+    means: torch.Tensor, log_precisions: torch.Tensor, log_pis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log pi_j + log N(.|mu_j, 1/lambda_j)`` splits into ``const_j - 0.5 lambda_j (w - mu_j)^2``."""
+    const = log_pis + 0.5 * log_precisions - 0.5 * _LOG_2PI  # (J+1,)
+    return const, log_precisions.exp()
+
+
+def _component_log_joint(w: torch.Tensor, means: torch.Tensor, const: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
+    """``log pi_j N(w_i | mu_j, 1/lambda_j)`` for a chunk of weights: ``(C, J+1)``."""
+    d = w.unsqueeze(-1) - means  # (C, J+1)
+    return const - 0.5 * prec * d * d
+
+
+def mixture_log_prob(
+    w: torch.Tensor,
+    means: torch.Tensor,
+    log_precisions: torch.Tensor,
+    log_pis: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Log-density of each weight under the mixture, computed in chunks of weights.
+
+    Args:
+        w: weights, any shape (flattened).
+        means: component means ``(J+1,)``.
+        log_precisions: ``log lambda_j`` ``(J+1,)``.
+        log_pis: log mixing weights ``(J+1,)`` (normalised).
+        chunk_size: weights processed at once (extra memory ``chunk_size * (J+1)``).
+
+    Returns:
+        ``log p(w_i)`` with the shape of ``w`` flattened, ``(N,)``.
+    """
+    const, prec = _component_log_terms(means, log_precisions, log_pis)
+    flat = w.reshape(-1)
+    out = [torch.logsumexp(_component_log_joint(c, means, const, prec), dim=-1) for c in flat.split(chunk_size)]
+    return torch.cat(out) if out else flat.new_zeros(0)
+
+
+def responsibilities(
+    w: torch.Tensor, means: torch.Tensor, log_precisions: torch.Tensor, log_pis: torch.Tensor
+) -> torch.Tensor:
+    """Posterior probability of each component for each weight, ``(N, J+1)``.
+
+    This one does materialise ``N x (J+1)``: it is for small inputs, plots and tests. Use :func:`assign_components`
+    for the most responsible component of many weights.
+    """
+    const, prec = _component_log_terms(means, log_precisions, log_pis)
+    return torch.softmax(_component_log_joint(w.reshape(-1), means, const, prec), dim=-1)
+
+
+def assign_components(
+    w: torch.Tensor,
+    means: torch.Tensor,
+    log_precisions: torch.Tensor,
+    log_pis: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Index of the most responsible component of each weight, ``(N,)`` int64, in chunks."""
+    const, prec = _component_log_terms(means, log_precisions, log_pis)
+    flat = w.reshape(-1)
+    out = [_component_log_joint(c, means, const, prec).argmax(dim=-1) for c in flat.split(chunk_size)]
+    return torch.cat(out) if out else flat.new_zeros(0, dtype=torch.long)
+
+
+def gamma_log_prob(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Log-density of ``Gamma(shape=alpha, rate=beta)`` at ``x > 0`` (elementwise)."""
+    a = torch.as_tensor(alpha, dtype=x.dtype, device=x.device)
+    return a * math.log(beta) - torch.lgamma(a) + (a - 1) * x.log() - beta * x
+
+
+def beta_log_prob(x: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """Log-density of ``Beta(a, b)`` at ``0 < x < 1`` (elementwise)."""
+    ta = torch.as_tensor(a, dtype=x.dtype, device=x.device)
+    tb = torch.as_tensor(b, dtype=x.dtype, device=x.device)
+    log_norm = torch.lgamma(ta + tb) - torch.lgamma(ta) - torch.lgamma(tb)
+    return log_norm + (ta - 1) * x.log() + (tb - 1) * torch.log1p(-x)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The analytic gradient of -sum_i log p(w_i)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MixtureGrad:
+    """Value and gradients of ``-sum_i log p(w_i)`` (no hyper-prior, no scaling).
+
+    Attributes:
+        nll: ``-sum_i log p(w_i)`` (0-dim).
+        grad_w: ``d nll / d w`` per weight, one tensor per input tensor (same shapes).
+        grad_means: ``d nll / d mu_j`` ``(J+1,)``.
+        grad_log_precisions: ``d nll / d log lambda_j`` ``(J+1,)``.
+        grad_log_pis: ``d nll / d log pi_j`` ``(J+1,)`` (treating the log-weights as free; chain through the
+            parameterisation with autograd on the ``J+1`` vector).
+    """
+
+    nll: torch.Tensor
+    grad_w: list[torch.Tensor]
+    grad_means: torch.Tensor
+    grad_log_precisions: torch.Tensor
+    grad_log_pis: torch.Tensor
+
+
+def _mixture_param_grads(
+    sums: torch.Tensor, prec: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the mixture parameters from ``R_j = sum r``, ``S_j = sum r d``, ``Q_j = sum r d^2`` (d = w - mu)."""
+    r, s, q = sums  # each (J+1,)
+    grad_means = -prec * s
+    grad_log_precisions = -0.5 * r + 0.5 * prec * q
+    grad_log_pis = -r
+    return grad_means, grad_log_precisions, grad_log_pis
+
+
+def mixture_nll_grad(
+    weights: Sequence[torch.Tensor],
+    means: torch.Tensor,
+    log_precisions: torch.Tensor,
+    log_pis: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> MixtureGrad:
+    """Exact value and gradients of ``-sum_i log p(w_i)``, in chunks of weights (``O(chunk * (J+1))`` memory).
+
+    Computed in the mixture's dtype (use float32 or float64 mixture tensors); weights are cast to it.
+
+    Args:
+        weights: the compressed weight tensors.
+        means: ``(J+1,)`` component means.
+        log_precisions: ``(J+1,)`` log precisions.
+        log_pis: ``(J+1,)`` normalised log mixing weights.
+        chunk_size: weights processed at once.
+
+    Returns:
+        :class:`MixtureGrad`.
+    """
+    dtype = means.dtype
+    const, prec = _component_log_terms(means, log_precisions, log_pis)
+    nll = means.new_zeros(())
+    sums = means.new_zeros(3, means.numel())
+    grads: list[torch.Tensor] = []
+    for w in weights:
+        flat = w.detach().reshape(-1).to(dtype)
+        parts = []
+        for c in flat.split(chunk_size):
+            d = c.unsqueeze(-1) - means  # (C, J+1)
+            logj = const - 0.5 * prec * d * d
+            lse = torch.logsumexp(logj, dim=-1, keepdim=True)  # (C, 1)
+            r = (logj - lse).exp_()  # responsibilities (C, J+1)
+            rd = r * d
+            parts.append((rd * prec).sum(-1))
+            nll = nll - lse.sum()
+            sums[0] += r.sum(0)
+            sums[1] += rd.sum(0)
+            sums[2] += (rd * d).sum(0)
+        g = torch.cat(parts) if parts else flat.new_zeros(0)
+        grads.append(g.view_as(w))
+    gm, gl, gp = _mixture_param_grads(sums, prec)
+    return MixtureGrad(nll, grads, gm, gl, gp)
+
+
+class MixtureTable:
+    """The per-weight functions of the mixture tabulated on a uniform grid, for fast gradients of many weights.
+
+    Given the mixture, ``d(-log p(w))/dw``, ``-log p(w)`` and the per-component sufficient statistics
+    ``r_j(w)``, ``r_j(w)(w - mu_j)``, ``r_j(w)(w - mu_j)^2`` are functions of the single number ``w``. They are
+    evaluated exactly (float64) at ``G`` grid points over ``[lo, hi]`` and linearly interpolated:
+
+    * per-weight gradient: ``g(w) = T[k] + t (T[k+1] - T[k])`` -- two gathers and a multiply-add per weight;
+    * sums over weights: ``sum_i f(w_i) ~= sum_k c_k f(x_k)`` with ``c`` the linear-binning histogram of the
+      weights (the exact sum of the interpolant), so the mixture's gradients need one ``(G, 3(J+1)+1)`` product.
+
+    The grid spacing is ``h = spacing * min_j sigma_j`` (at most ``max_grid`` points; ``needed`` says how many the
+    spacing asked for), so the interpolation error is ``O(spacing^2)``: the steepest places are the transitions
+    between a narrow component and its neighbours; for the default ``spacing = 0.025`` the relative error of the
+    gradients is about ``5e-5`` on a mixture with a 10x narrower zero component (measured in the tests).
+
+    Args:
+        means, log_precisions, log_pis: the mixture, ``(J+1,)`` each.
+        lo, hi: range of the weights to cover (``lo < hi``).
+        spacing: grid spacing in units of the smallest component standard deviation.
+        min_grid, max_grid: bounds on the number of grid points.
+        chunk_size: weights processed at once in :meth:`accumulate_grad` (extra memory ~20 bytes per chunk weight).
+    """
+
+    def __init__(
+        self,
+        means: torch.Tensor,
+        log_precisions: torch.Tensor,
+        log_pis: torch.Tensor,
+        lo: float,
+        hi: float,
+        spacing: float = 0.025,
+        min_grid: int = 1024,
+        max_grid: int = 1 << 16,
+        chunk_size: int = 1 << 20,
+    ) -> None:
+        m = means.detach().double()
+        lp = log_precisions.detach().double()
+        lpi = log_pis.detach().double()
+        sigma_min = float(torch.exp(-0.5 * lp).min())
+        if not hi > lo:
+            hi = lo + sigma_min
+        pad = 1e-6 * (hi - lo)
+        lo, hi = lo - pad, hi + pad
+        self.needed = int(math.ceil((hi - lo) / (spacing * sigma_min)) + 1)
+        n = int(min(max(self.needed, min_grid), max_grid))
+        x = torch.linspace(lo, hi, n, dtype=torch.float64, device=means.device)
+        const, prec = _component_log_terms(m, lp, lpi)
+        d = x.unsqueeze(-1) - m  # (G, J+1)
+        logj = const - 0.5 * prec * d * d
+        lse = torch.logsumexp(logj, dim=-1, keepdim=True)
+        r = (logj - lse).exp()
+        rd = r * d
+        g = (rd * prec).sum(-1)
+        self.prec = prec
+        self.size = n
+        self.lo = lo
+        self.inv_h = (n - 1) / (hi - lo)
+        self.chunk = chunk_size
+        self.h = (hi - lo) / (n - 1)
+        dtype = means.dtype
+        # (G, 2) rows (g[k], g[k+1] - g[k]) packed so one 8-byte gather fetches both (G-1 cells, last row unused)
+        pair = torch.stack([g, torch.diff(g, append=g[-1:])], dim=-1).to(dtype).contiguous()
+        self.pair = pair
+        self._packed = pair.view(torch.float64).view(-1) if dtype == torch.float32 else None
+        # columns: -log p, then R_j, S_j, Q_j: (G, 1 + 3(J+1)) in float64 for the weighted sums
+        self.stats = torch.cat([-lse, r, rd, rd * d], dim=-1)
+        self.stat_sum = torch.zeros(n, dtype=torch.float64, device=means.device)
+
+    def _locate(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cell index ``k`` (int64), position ``t`` in the cell and the gathered ``(g[k], g[k+1]-g[k])`` rows."""
+        u = torch.add(w.reshape(-1), -self.lo).mul_(self.inv_h)  # (N,) position on the grid
+        kf = u.clamp(0.0, self.size - 2).floor_()  # cell; weights beyond the edges extrapolate linearly
+        t = u.sub_(kf)  # (N,) in [0, 1) inside the range
+        k = kf.long()
+        if self._packed is not None:
+            rows = self._packed.index_select(0, k).view(self.pair.dtype).view(-1, 2)  # (N, 2)
+        else:
+            rows = self.pair.index_select(0, k)
+        return k, t, rows
+
+    def accumulate_grad(self, w: torch.Tensor, grad: torch.Tensor, alpha: float) -> None:
+        """``grad += alpha * d(-log p)/dw`` for every weight of ``w``, and add ``w`` to the binning histogram.
+
+        Weights outside ``[lo, hi]`` are extrapolated linearly from the edge cells: build the table over their range.
+        """
+        flat_w, flat_g = w.detach().reshape(-1), grad.view(-1)
+        counts = torch.zeros(self.size, dtype=torch.long, device=flat_g.device)
+        tw = torch.zeros(self.size, dtype=torch.float32, device=flat_g.device)
+        for wc, gc in zip(flat_w.split(self.chunk), flat_g.split(self.chunk), strict=True):  # O(chunk) extra memory
+            k, t, rows = self._locate(wc)
+            gc.add_(rows[:, 0], alpha=alpha).addcmul_(t, rows[:, 1], value=alpha)
+            # linear binning: weight (1 - t) at cell k and t at k+1
+            counts += torch.bincount(k, minlength=self.size)
+            tw.scatter_add_(0, k, t.float())
+        tw64 = tw.double()
+        self.stat_sum += counts
+        self.stat_sum -= tw64
+        self.stat_sum[1:] += tw64[:-1]
+
+    def grad(self, w: torch.Tensor) -> torch.Tensor:
+        """``d(-log p)/dw`` per weight (interpolated), shape of ``w``; does not touch the histogram."""
+        _, t, rows = self._locate(w.detach())
+        return torch.addcmul(rows[:, 0], t, rows[:, 1]).view_as(w)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(nll, grad_means, grad_log_precisions, grad_log_pis)`` of all weights passed to :meth:`accumulate_grad`."""
+        tot = self.stat_sum @ self.stats  # (1 + 3(J+1),)
+        nll = tot[0]
+        sums = tot[1:].view(3, -1).clone()
+        # Sheppard's correction: interpolating d^2 linearly overestimates it by t(1-t) h^2, 1/6 h^2 on average
+        sums[2] -= sums[0] * (self.h**2 / 6.0)
+        gm, gl, gp = _mixture_param_grads(sums, self.prec)
+        return nll, gm, gl, gp
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Merging and quantization
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sym_kl(m1: float, v1: float, m2: float, v2: float) -> float:
+    """Symmetric KL divergence between two univariate Gaussians (variances ``v``)."""
+    d2 = (m1 - m2) ** 2
+    return 0.5 * ((v1 + d2) / v2 + (v2 + d2) / v1) - 1.0
+
+
+def merge_components(
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    pis: torch.Tensor,
+    threshold: float = 0.1,
+    criterion: str = "kl",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge mixture components that are too close, conserving the mixing mass (moment matching).
+
+    Repeatedly merges the closest pair while its distance is below ``threshold``. A merged pair keeps
+    ``pi = pi_a + pi_b``, the mass-weighted mean and the moment-matched variance; a pair that contains the zero
+    component (index 0) stays the zero component, with mean exactly 0.
+
+    Args:
+        means, stds, pis: the mixture, ``(K,)`` each, zero component at index 0.
+        threshold: merge while the distance is below this value.
+        criterion: ``"kl"`` (symmetric KL divergence) or ``"mean"`` (absolute distance of the means).
+
+    Returns:
+        ``(means, stds, pis)`` of the merged mixture, zero component first, the others sorted by mean.
+
+    Raises:
+        ValueError: on an unknown ``criterion`` or inconsistent shapes.
+    """
+    if criterion not in ("kl", "mean"):
+        raise ValueError(f"criterion must be 'kl' or 'mean', got {criterion!r}")
+    if not (means.shape == stds.shape == pis.shape) or means.dim() != 1 or means.numel() < 1:
+        raise ValueError(f"means, stds, pis must be 1-D of equal length, got {means.shape}, {stds.shape}, {pis.shape}")
+    comps = [
+        [float(m), float(s) ** 2, float(p)]
+        for m, s, p in zip(means.double().tolist(), stds.double().tolist(), pis.double().tolist(), strict=True)
+    ]
+    comps[0][0] = 0.0
+
+    def dist(a: list[float], b: list[float]) -> float:
+        return _sym_kl(a[0], a[1], b[0], b[1]) if criterion == "kl" else abs(a[0] - b[0])
+
+    while len(comps) > 1:
+        best, pair = math.inf, (0, 0)
+        for i in range(len(comps)):
+            for j in range(i + 1, len(comps)):
+                dij = dist(comps[i], comps[j])
+                if dij < best:
+                    best, pair = dij, (i, j)
+        if not best < threshold:
+            break
+        i, j = pair
+        (ma, va, pa), (mb, vb, pb) = comps[i], comps[j]
+        p = pa + pb
+        m = (pa * ma + pb * mb) / p if p > 0 else 0.5 * (ma + mb)
+        second = (pa * (va + ma * ma) + pb * (vb + mb * mb)) / p if p > 0 else 0.5 * (va + vb + ma * ma + mb * mb)
+        if i == 0:
+            m = 0.0  # the zero component absorbs its neighbour and stays at 0
+        comps[i] = [m, max(second - m * m, 1e-30), p]
+        del comps[j]
+    rest = sorted(comps[1:], key=lambda c: c[0])
+    out = torch.tensor([comps[0], *rest], dtype=torch.float64)
+    return (
+        out[:, 0].to(means.dtype),
+        out[:, 1].sqrt().to(stds.dtype),
+        out[:, 2].to(pis.dtype),
+    )
+
+
+def quantize_weights(
+    w: torch.Tensor,
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    pis: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set each weight to the mean of its most responsible component; the zero component's members to exactly 0.
+
+    Idempotent: a weight already equal to one of the means (or exactly 0) keeps its value, so quantizing twice
+    changes nothing.
+
+    Args:
+        w: weights (any shape).
+        means, stds, pis: the (merged) mixture, zero component at index 0.
+        chunk_size: weights processed at once.
+
+    Returns:
+        ``(quantized weights with the shape and dtype of w, component index per weight (N,))``.
+    """
+    means64 = means.detach().double().clone()
+    means64[0] = 0.0
+    log_prec = -2.0 * stds.detach().double().log()
+    log_pis = pis.detach().double().clamp_min(1e-300).log()
+    flat = w.detach().reshape(-1).double()
+    codebook, log_prec, log_pis = (t.to(flat.device) for t in (means64, log_prec, log_pis))
+    idx = assign_components(flat, codebook, log_prec, log_pis, chunk_size)
+    # keep weights already on a codebook value (idempotence even where a wide component would win at that value)
+    values = codebook.to(w.dtype).double()
+    for j in range(codebook.numel()):
+        on = flat == values[j]
+        idx[on] = j
+    out = codebook[idx].to(w.dtype)
+    out[idx == 0] = 0.0
+    return out.view_as(w), idx
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The module
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class GaussianMixturePrior(nn.Module):
+    """A mixture of ``J`` learned Gaussians plus a zero component (index 0, mean fixed at 0).
+
+    Unconstrained parameters: the ``J`` free means, ``J+1`` log-precisions ``log lambda_j`` (variances stay
+    positive) and ``J`` mixing logits; ``pi_0`` is fixed (default 0.999) or, with ``pi_zero_beta=(a, b)``, learned
+    through a logit with a ``Beta(a, b)`` hyper-prior. ``Gamma(alpha, beta)`` hyper-priors on the precisions, one for
+    the zero component and one for the others, keep components from collapsing (the tutorial's values:
+    ``(5000, 2)`` and ``(250, 0.1)``, on the precision itself, without the log-Jacobian, as in the tutorial).
+
+    Args:
+        num_components: ``J >= 1``, the number of non-zero components.
+        init_range: ``(lo, hi)``: the means start evenly spaced over it (the pretrained weights' range).
+        init_std: initial standard deviation of every component (tutorial: 0.25).
+        pi_zero: (initial) mixing weight of the zero component, ``0 < pi_zero < 1``.
+        pi_zero_beta: ``(a, b)`` to learn ``pi_0`` under a Beta hyper-prior, or ``None`` to keep it fixed.
+        gamma_zero: ``(alpha, beta)`` of the Gamma hyper-prior on the zero component's precision (or ``None``).
+        gamma: ``(alpha, beta)`` of the Gamma hyper-prior on the other precisions (or ``None``).
+
+    Raises:
+        ValueError: on an argument outside its range.
+    """
+
+    def __init__(
+        self,
+        num_components: int = 16,
+        init_range: tuple[float, float] = (-0.6, 0.6),
+        init_std: float = 0.25,
+        pi_zero: float = 0.999,
+        pi_zero_beta: tuple[float, float] | None = None,
+        gamma_zero: tuple[float, float] | None = (5000.0, 2.0),
+        gamma: tuple[float, float] | None = (250.0, 0.1),
+    ) -> None:
+        super().__init__()
+        if int(num_components) < 1:
+            raise ValueError(f"num_components must be >= 1 (J non-zero components), got {num_components}")
+        if not 0.0 < pi_zero < 1.0:
+            raise ValueError(f"pi_zero must be in (0, 1), got {pi_zero}")
+        if not init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {init_std}")
+        for name, ab in (("pi_zero_beta", pi_zero_beta), ("gamma_zero", gamma_zero), ("gamma", gamma)):
+            if ab is not None and (len(ab) != 2 or not (ab[0] > 0 and ab[1] > 0)):
+                raise ValueError(f"{name} must be None or two positive numbers (a, b), got {ab}")
+        lo, hi = float(init_range[0]), float(init_range[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi >= lo):
+            raise ValueError(f"init_range must be finite (lo, hi) with lo <= hi, got {init_range}")
+        j = int(num_components)
+        self.num_components = j
+        self.pi_zero_init = float(pi_zero)
+        self.pi_zero_beta = tuple(pi_zero_beta) if pi_zero_beta is not None else None
+        self.gamma_zero = tuple(gamma_zero) if gamma_zero is not None else None
+        self.gamma = tuple(gamma) if gamma is not None else None
+        means = torch.linspace(lo, hi, j) if j > 1 else torch.tensor([0.5 * (lo + hi)])
+        self.free_means = nn.Parameter(means.float())
+        self.log_precisions = nn.Parameter(torch.full((j + 1,), -2.0 * math.log(init_std)))
+        self.mixing_logits = nn.Parameter(torch.zeros(j))
+        if self.pi_zero_beta is not None:
+            self.zero_logit: nn.Parameter | None = nn.Parameter(torch.tensor(math.log(pi_zero / (1.0 - pi_zero))))
+        else:
+            self.zero_logit = None
+
+    # -- the mixture ---------------------------------------------------------------------------------------------------
+    @property
+    def means(self) -> torch.Tensor:
+        """``(J+1,)`` means, zero component first."""
+        return torch.cat([self.free_means.new_zeros(1), self.free_means])
+
+    def log_pis(self) -> torch.Tensor:
+        """``(J+1,)`` normalised log mixing weights."""
+        if self.zero_logit is not None:
+            log_p0 = nn.functional.logsigmoid(self.zero_logit).reshape(1)
+            log_rest = nn.functional.logsigmoid(-self.zero_logit)
+        else:
+            log_p0 = self.free_means.new_full((1,), math.log(self.pi_zero_init))
+            log_rest = torch.tensor(math.log1p(-self.pi_zero_init))
+        return torch.cat([log_p0, log_rest + torch.log_softmax(self.mixing_logits, dim=0)])
+
+    @property
+    def pis(self) -> torch.Tensor:
+        """``(J+1,)`` mixing weights (sum to 1)."""
+        return self.log_pis().exp()
+
+    @property
+    def stds(self) -> torch.Tensor:
+        """``(J+1,)`` standard deviations ``lambda^{-1/2}``."""
+        return torch.exp(-0.5 * self.log_precisions)
+
+    def groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimizer group: ``means``, ``log_precisions``, ``mixing`` (logits, and pi_0's logit)."""
+        mixing = [self.mixing_logits] + ([self.zero_logit] if self.zero_logit is not None else [])
+        return {"means": [self.free_means], "log_precisions": [self.log_precisions], "mixing": mixing}
+
+    # -- losses --------------------------------------------------------------------------------------------------------
+    def hyperprior_nll(self) -> torch.Tensor:
+        """``-log`` of the Gamma hyper-priors on the precisions (and the Beta on ``pi_0``), differentiable."""
+        total = self.log_precisions.new_zeros(())
+        prec = self.log_precisions.exp()
+        if self.gamma_zero is not None:
+            total = total - gamma_log_prob(prec[:1], *self.gamma_zero).sum()
+        if self.gamma is not None:
+            total = total - gamma_log_prob(prec[1:], *self.gamma).sum()
+        if self.zero_logit is not None and self.pi_zero_beta is not None:
+            total = total - beta_log_prob(torch.sigmoid(self.zero_logit), *self.pi_zero_beta)
+        return total
+
+    def nll(self, weights: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Differentiable ``-sum_i log p(w_i)`` over all weights (chunked; for references and small models)."""
+        means, lp, lpi = self.means, self.log_precisions, self.log_pis()
+        total = lp.new_zeros(())
+        for w in weights:
+            total = total - mixture_log_prob(w, means, lp, lpi).sum()
+        return total
+
+    def loss(self, weights: Iterable[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+        """``scale * (-sum_i log p(w_i) + hyper-prior terms)``, differentiable (the reference for the callback)."""
+        return scale * (self.nll(weights) + self.hyperprior_nll())
+
+    def backward_from_stats(
+        self, grad_means: torch.Tensor, grad_log_precisions: torch.Tensor, grad_log_pis: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Set ``.grad`` of the mixture's parameters to ``scale * (d nll + d hyper-prior)``; return the hyper-prior.
+
+        ``grad_*`` are the gradients of ``-sum log p(w_i)`` w.r.t. the full ``(J+1,)`` means, log precisions and
+        log mixing weights (e.g. from :func:`mixture_nll_grad`); the chain rule through the parameterisation
+        (fixed zero mean, softmax) runs through autograd on these ``J+1`` vectors only.
+        """
+        for p in self.parameters():
+            p.grad = None
+        with torch.enable_grad():
+            hyper = self.hyperprior_nll()
+            surrogate = (
+                (self.means * grad_means.detach()).sum()
+                + (self.log_precisions * grad_log_precisions.detach()).sum()
+                + (self.log_pis() * grad_log_pis.detach()).sum()
+                + hyper
+            ) * scale
+            params = [p for p in self.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(surrogate, params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = torch.zeros_like(p) if g is None else g
+        return hyper.detach()
+
+    def extra_repr(self) -> str:
+        return f"J={self.num_components}, pi_zero={'learned' if self.zero_logit is not None else self.pi_zero_init}"

@@ -1,0 +1,194 @@
+"""The Gaussian-mixture prior's maths against float64 naive references (torch.distributions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import distributions as D
+
+from distill.priors import (
+    GaussianMixturePrior,
+    MixtureTable,
+    assign_components,
+    beta_log_prob,
+    gamma_log_prob,
+    merge_components,
+    mixture_log_prob,
+    mixture_nll_grad,
+    quantize_weights,
+    responsibilities,
+)
+
+
+def _mixture(j: int = 6, seed: int = 0, narrow: float = 0.02) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    means = torch.cat([torch.zeros(1), torch.linspace(-0.5, 0.5, j) + 0.02 * torch.randn(j, generator=g)])
+    stds = torch.cat([torch.tensor([narrow]), 0.03 + 0.1 * torch.rand(j, generator=g)])
+    pis = torch.cat([torch.tensor([0.9]), 0.1 * torch.softmax(torch.randn(j, generator=g), 0)])
+    log_pis = pis.double().log()
+    return means.double(), (-2 * stds.log()).double(), log_pis - log_pis.logsumexp(0)
+
+
+def _naive(means: torch.Tensor, log_prec: torch.Tensor, log_pis: torch.Tensor) -> D.MixtureSameFamily:
+    return D.MixtureSameFamily(D.Categorical(logits=log_pis), D.Normal(means, torch.exp(-0.5 * log_prec)))
+
+
+def _weights(n: int = 5000, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([0.01 * torch.randn(n // 2, generator=g), 0.3 * torch.randn(n - n // 2, generator=g)]).double()
+
+
+def test_log_prob_matches_mixture_same_family() -> None:
+    means, lp, lpi = _mixture()
+    w = _weights()
+    ref = _naive(means, lp, lpi).log_prob(w)
+    torch.testing.assert_close(mixture_log_prob(w, means, lp, lpi, chunk_size=777), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_exact_gradients_match_autograd_reference() -> None:
+    means, lp, lpi = _mixture()
+    w = _weights()
+    parts = [w[:1234].reshape(2, 617), w[1234:]]
+    res = mixture_nll_grad(parts, means, lp, lpi, chunk_size=500)
+    leaves = [t.clone().requires_grad_(True) for t in (w, means, lp, lpi)]
+    nll = -_naive(*leaves[1:]).log_prob(leaves[0]).sum()
+    gw, gm, gl, gp = torch.autograd.grad(nll, leaves)
+    torch.testing.assert_close(res.nll, nll.detach(), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in res.grad_w]), gw, rtol=1e-10, atol=1e-10)
+    assert res.grad_w[0].shape == (2, 617)
+    torch.testing.assert_close(res.grad_means, gm, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(res.grad_log_precisions, gl, rtol=1e-10, atol=1e-8)
+    # Categorical(logits=...) normalises the logits: chain d/dlog_pi through that softmax
+    total = res.grad_log_pis
+    torch.testing.assert_close(total - lpi.exp() * total.sum(), gp, rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("narrow", [0.02, 0.002])
+def test_table_gradients_within_1e4_of_exact(narrow: float) -> None:
+    means, lp, lpi = _mixture(j=16, narrow=narrow)
+    w = _weights(200_000).float()
+    exact = mixture_nll_grad([w], means, lp, lpi)
+    table = MixtureTable(means.float(), lp.float(), lpi.float(), float(w.min()), float(w.max()), chunk_size=30_000)
+    grad = torch.zeros_like(w)
+    table.accumulate_grad(w, grad, alpha=1.0)
+    nll, gm, gl, gp = table.result()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b).norm() / b.norm())
+
+    assert rel(grad, exact.grad_w[0]) < 1e-4
+    assert rel(table.grad(w), exact.grad_w[0]) < 1e-4
+    assert abs(float(nll) - float(exact.nll)) / abs(float(exact.nll)) < 1e-4
+    assert rel(gm[1:], exact.grad_means[1:]) < 1e-4  # the zero mean is fixed: its gradient is never used
+    assert rel(gl, exact.grad_log_precisions) < 1e-4
+    assert rel(gp, exact.grad_log_pis) < 1e-4
+
+
+def test_table_extrapolates_outside_its_range() -> None:
+    means, lp, lpi = _mixture()
+    table = MixtureTable(means.float(), lp.float(), lpi.float(), -0.5, 0.5)
+    w = torch.tensor([-0.50001, 0.50002])
+    exact = mixture_nll_grad([w], means, lp, lpi).grad_w[0]
+    torch.testing.assert_close(table.grad(w).double(), exact, rtol=1e-3, atol=1e-4)
+
+
+def test_responsibilities_and_assignment() -> None:
+    means, lp, lpi = _mixture()
+    w = _weights(3000)
+    r = responsibilities(w, means, lp, lpi)
+    naive = _naive(means, lp, lpi)
+    joint = naive.component_distribution.log_prob(w.unsqueeze(-1)) + lpi
+    torch.testing.assert_close(r, torch.softmax(joint, -1))
+    torch.testing.assert_close(r.sum(-1), torch.ones(3000, dtype=torch.float64))
+    assert torch.equal(assign_components(w, means, lp, lpi, chunk_size=100), r.argmax(-1))
+
+
+def test_hyperprior_densities_match_torch_distributions() -> None:
+    x = torch.tensor([0.5, 3.0, 2500.0], dtype=torch.float64)
+    torch.testing.assert_close(gamma_log_prob(x, 250.0, 0.1), D.Gamma(*torch.tensor([250.0, 0.1]).double()).log_prob(x))
+    p = torch.tensor([0.1, 0.5, 0.999], dtype=torch.float64)
+    torch.testing.assert_close(beta_log_prob(p, 2.0, 3.0), D.Beta(*torch.tensor([2.0, 3.0]).double()).log_prob(p))
+
+
+@pytest.mark.parametrize("pi_zero_beta", [None, (50.0, 1.0)])
+def test_module_gradients_from_stats_equal_autograd(pi_zero_beta: tuple[float, float] | None) -> None:
+    torch.manual_seed(0)
+    prior = GaussianMixturePrior(5, (-0.4, 0.4), init_std=0.1, pi_zero=0.9, pi_zero_beta=pi_zero_beta).double()
+    with torch.no_grad():
+        prior.mixing_logits.normal_()
+        prior.log_precisions.add_(torch.randn(6, dtype=torch.float64))
+    w = _weights(2000)
+    scale = 0.37
+    loss = prior.loss([w], scale=scale)
+    names = [n for n, _ in prior.named_parameters()]
+    ref = dict(zip(names, torch.autograd.grad(loss, list(prior.parameters())), strict=True))
+    res = mixture_nll_grad([w], prior.means.detach(), prior.log_precisions.detach(), prior.log_pis().detach())
+    hyper = prior.backward_from_stats(res.grad_means, res.grad_log_precisions, res.grad_log_pis, scale)
+    torch.testing.assert_close(scale * (res.nll + hyper), loss.detach())
+    for name, p in prior.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-9, atol=1e-9, msg=name)
+    assert prior.means[0] == 0 and prior.means.shape == (6,)
+    torch.testing.assert_close(prior.pis.sum(), torch.tensor(1.0, dtype=torch.float64))
+    if pi_zero_beta is None:
+        assert float(prior.pis[0]) == pytest.approx(0.9)
+
+
+def test_merge_conserves_mass_and_moments() -> None:
+    means = torch.tensor([0.0, 0.001, 0.3, 0.3005, 0.31, -0.4], dtype=torch.float64)
+    stds = torch.tensor([0.01, 0.01, 0.02, 0.02, 0.02, 0.05], dtype=torch.float64)
+    pis = torch.tensor([0.9, 0.02, 0.03, 0.01, 0.02, 0.02], dtype=torch.float64)
+    m, s, p = merge_components(means, stds, pis, threshold=0.5)
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert m[0] == 0.0 and float(p[0]) == pytest.approx(0.92)
+    assert m.numel() == 3  # zero(+0.001), the 0.3 cluster, -0.4
+    assert torch.all(m[1:-1] <= m[2:])
+    # the merged 0.3 cluster keeps the first two moments of its members
+    sel = slice(2, 5)
+    mass = pis[sel].sum()
+    mean = (pis[sel] * means[sel]).sum() / mass
+    second = (pis[sel] * (stds[sel] ** 2 + means[sel] ** 2)).sum() / mass
+    k = int((m - 0.3).abs().argmin())
+    assert float(p[k]) == pytest.approx(float(mass))
+    assert float(m[k]) == pytest.approx(float(mean))
+    assert float(s[k] ** 2) == pytest.approx(float(second - mean**2))
+    again = merge_components(m, s, p, threshold=0.5)  # nothing left to merge
+    for a, b in zip(again, (m, s, p), strict=True):
+        torch.testing.assert_close(a, b)
+    far = merge_components(means, stds, pis, threshold=0.0)
+    assert far[0].numel() == 6
+    mean_crit = merge_components(means, stds, pis, threshold=0.005, criterion="mean")
+    assert mean_crit[0].numel() == 4
+
+
+def test_merge_rejects_bad_arguments() -> None:
+    x = torch.ones(3)
+    with pytest.raises(ValueError, match="criterion"):
+        merge_components(x, x, x, criterion="euclid")
+    with pytest.raises(ValueError, match="equal length"):
+        merge_components(x, torch.ones(2), x)
+
+
+def test_quantize_is_idempotent_and_zeroes_exactly() -> None:
+    means = torch.tensor([0.0, -0.2, 0.15, 0.3])
+    stds = torch.tensor([0.01, 0.05, 0.3, 0.02])  # a wide component: its mean is not its own argmax everywhere
+    pis = torch.tensor([0.9, 0.04, 0.03, 0.03])
+    w = _weights(4000).float().reshape(40, 100)
+    q, idx = quantize_weights(w, means, stds, pis)
+    assert q.shape == w.shape and q.dtype == w.dtype
+    assert set(torch.unique(q).tolist()) <= set(means.tolist())
+    assert torch.all(q.reshape(-1)[idx == 0] == 0.0) and int((q == 0).sum()) == int((idx == 0).sum())
+    q2, _ = quantize_weights(q, means, stds, pis)
+    assert torch.equal(q2, q)
+    r = responsibilities(w.reshape(-1).double(), means.double(), -2 * stds.double().log(), pis.double().log())
+    assert torch.equal(idx, r.argmax(-1))
+
+
+def test_prior_module_validates_arguments() -> None:
+    with pytest.raises(ValueError, match="num_components"):
+        GaussianMixturePrior(0)
+    with pytest.raises(ValueError, match="pi_zero"):
+        GaussianMixturePrior(3, pi_zero=1.0)
+    with pytest.raises(ValueError, match="gamma_zero"):
+        GaussianMixturePrior(3, gamma_zero=(1.0, -2.0))
+    with pytest.raises(ValueError, match="init_range"):
+        GaussianMixturePrior(3, init_range=(1.0, -1.0))
