@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_vgg:  # memory first, while the process's RSS high-water mark is low
         results.append(peak_extra_memory(device, args.vgg_batch))
         print(json.dumps(results[-1]), flush=True)
-    for name, model, shape in (("LeNet-300-100", LeNet300100(), (1, 28, 28)), ("LeNet5Caffe", LeNet5Caffe(), (1, 28, 28))):
+    nets = (("LeNet-300-100", LeNet300100(), (1, 28, 28)), ("LeNet5Caffe", LeNet5Caffe(), (1, 28, 28)))
+    for name, model, shape in nets:
         results.append(bench(name, model, 128, shape, device, args.reps, naive=True))
         print(json.dumps(results[-1]), flush=True)
     if not args.skip_vgg:
