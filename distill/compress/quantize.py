@@ -21,7 +21,7 @@ from distill.compress.kmeans import assign_to_codebook, quantize_weight
 from distill.compress.params import compressible_parameters, parameter_kinds
 from distill.compress.pruning import prune_mask
 
-__all__ = ["SharedWeights", "apply_codebooks", "finetune_centroids", "quantize_model"]
+__all__ = ["SharedWeights", "apply_codebooks", "finetune_centroids", "quantize_model", "shared_from_weights"]
 
 
 @dataclass
@@ -140,4 +140,24 @@ def finetune_centroids(
             cb = torch.cat([zero, c.detach()]).cpu()
             params[n].copy_(cb[labels[n].cpu()].to(params[n]))
             out[n] = SharedWeights(cb, shared[n].labels)
+    return out
+
+
+def shared_from_weights(net: nn.Module, names: Iterable[str] | None = None) -> dict[str, SharedWeights]:
+    """Codebook and labels of weights that are already shared (e.g. by ``GMMPrior.quantize``): their distinct values.
+
+    Raises:
+        ValueError: if a weight has more than 65,535 distinct non-zero values (it was not quantized).
+    """
+    params = compressible_parameters(net)
+    out: dict[str, SharedWeights] = {}
+    for name in list(params) if names is None else list(names):
+        w = params[name].detach().cpu().float()
+        values, inverse = torch.unique(w.flatten(), return_inverse=True)
+        nonzero = values != 0
+        if int(nonzero.sum()) > (1 << 16) - 1:
+            raise ValueError(f"{name} has {int(nonzero.sum())} distinct values: it is not quantized")
+        codebook = torch.cat([torch.zeros(1), values[nonzero]])
+        remap = torch.cumsum(nonzero.long(), 0) * nonzero.long()  # zero value -> code 0
+        out[name] = SharedWeights(codebook, remap[inverse].view(w.shape))
     return out
