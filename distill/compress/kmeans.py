@@ -29,7 +29,9 @@ def clusters_for_bits(bits: int) -> int:
 
 
 def kmeans_1d(x: np.ndarray, k: int, max_iter: int = 100, init: str = "linear") -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means on scalars, vectorised: assignment by ``searchsorted`` on the midpoints of sorted centroids.
+    """Lloyd's k-means on scalars, vectorised: the values are sorted once, so each cluster is a contiguous run whose
+    ends are found by ``searchsorted`` of the centroid midpoints and whose sum comes from prefix sums; one iteration
+    costs ``O(k log n)``.
 
     Args:
         x: 1-D values (float64 internally).
@@ -57,24 +59,25 @@ def kmeans_1d(x: np.ndarray, k: int, max_iter: int = 100, init: str = "linear") 
     else:
         raise ValueError(f"init must be 'linear' or 'density', got {init!r}")
     c = np.unique(c)
-    labels = np.full(x.size, -1, dtype=np.int64)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    csum = np.concatenate([[0.0], np.cumsum(xs)])  # prefix sums: each cluster is a run of the sorted values
+    bounds = np.zeros(0, dtype=np.int64)
     for _ in range(max_iter):
-        new = np.searchsorted((c[1:] + c[:-1]) / 2, x)  # nearest centroid, c sorted
-        if np.array_equal(new, labels):
+        mids = (c[1:] + c[:-1]) / 2  # c sorted; a value equal to a midpoint goes to the lower centroid
+        new = np.concatenate([[0], np.searchsorted(xs, mids, side="right"), [xs.size]])
+        if np.array_equal(new, bounds):
             break
-        labels = new
-        counts = np.bincount(labels, minlength=c.size)
-        sums = np.bincount(labels, weights=x, minlength=c.size)
-        filled = counts > 0
-        c = np.where(filled, sums / np.maximum(counts, 1), c)  # an empty cluster keeps its centroid
-        order = np.argsort(c, kind="stable")
-        if not np.all(order[:-1] < order[1:]):
-            c = c[order]
-            labels = np.full(x.size, -1, dtype=np.int64)  # re-assign against the sorted centroids
-    used = np.unique(labels)
-    remap = np.full(c.size, -1, dtype=np.int64)
-    remap[used] = np.arange(used.size)
-    return c[used], remap[labels]
+        bounds = new
+        counts = np.diff(bounds)
+        sums = csum[bounds[1:]] - csum[bounds[:-1]]
+        c = np.where(counts > 0, sums / np.maximum(counts, 1), c)  # an empty cluster keeps its centroid
+        c = np.sort(c)  # Lloyd keeps 1-D centroids ordered; sorting only guards against rounding
+    counts = np.diff(bounds)
+    used = counts > 0
+    labels = np.empty(x.size, dtype=np.int64)
+    labels[order] = np.repeat(np.arange(int(used.sum())), counts[used])
+    return c[used], labels
 
 
 def assign_to_codebook(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
