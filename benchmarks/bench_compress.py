@@ -59,7 +59,8 @@ def main() -> None:
             tot = compression_report(path)["totals"]
             rows.append(
                 f"| {name} | {n_params:,} | {100 * tot['zero_rate']:.1f}% | {t_quant:.2f} | {t_enc:.3f} | {t_dec:.3f} "
-                f"| {t_load:.3f} | {tot['file_bytes']:,} | {tot['analytic_bytes']:,} | {tot['entropy_bound_bytes']:,.0f} "
+                f"| {t_load:.3f} | {tot['file_bytes']:,} | {tot['analytic_bytes']:,} "
+                f"| {tot['entropy_bound_bytes']:,.0f} "
                 f"| {tot['compression_rate']:.1f}x | {exact} |"
             )
     print(

@@ -138,7 +138,7 @@ def deep_compress(
 
     before = test_accuracy(net)
     if already_shared:
-        shared = shared_from_weights(net)
+        shared = shared_from_weights(net, strict=False)  # a weight the prior did not quantize is stored raw
     else:
         shared = quantize_model(net, bits_conv=bits_conv, bits_fc=bits_fc, quality=quality, sparsity=sparsity)
     if finetune_epochs > 0 and finetune_loader is not None:

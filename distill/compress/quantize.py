@@ -143,11 +143,18 @@ def finetune_centroids(
     return out
 
 
-def shared_from_weights(net: nn.Module, names: Iterable[str] | None = None) -> dict[str, SharedWeights]:
+def shared_from_weights(
+    net: nn.Module, names: Iterable[str] | None = None, strict: bool = True
+) -> dict[str, SharedWeights]:
     """Codebook and labels of weights that are already shared (e.g. by ``GMMPrior.quantize``): their distinct values.
 
+    Args:
+        net: the network.
+        names: weights to describe (default all compressible ones).
+        strict: raise on a weight that is not quantized; otherwise leave it out (the file then stores it raw).
+
     Raises:
-        ValueError: if a weight has more than 65,535 distinct non-zero values (it was not quantized).
+        ValueError: with ``strict``, if a weight has more than 65,535 distinct non-zero values.
     """
     params = compressible_parameters(net)
     out: dict[str, SharedWeights] = {}
@@ -156,6 +163,8 @@ def shared_from_weights(net: nn.Module, names: Iterable[str] | None = None) -> d
         values, inverse = torch.unique(w.flatten(), return_inverse=True)
         nonzero = values != 0
         if int(nonzero.sum()) > (1 << 16) - 1:
+            if not strict:
+                continue
             raise ValueError(f"{name} has {int(nonzero.sum())} distinct values: it is not quantized")
         codebook = torch.cat([torch.zeros(1), values[nonzero]])
         remap = torch.cumsum(nonzero.long(), 0) * nonzero.long()  # zero value -> code 0
