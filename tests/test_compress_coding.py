@@ -134,7 +134,9 @@ def test_best_index_bits_matches_brute_force() -> None:
         gc, cc = stream_counts(positions, codes, b)
         np.testing.assert_array_equal(gc[: gaps.max() + 1], np.bincount(gaps))
         g, c = huffman.encode(gaps), huffman.encode(entry_codes)
-        assert sizes[b] == g.n_bits + c.n_bits + 8 * (g.lengths.size + c.lengths.size)
+        assert sizes[b] == g.n_bits + c.n_bits + 8 * (g.lengths.size + c.lengths.size) + 32 * (
+            g.sync.size + c.sync.size
+        )
     assert sizes[best] == min(sizes.values())
     assert 2 <= best <= 6  # ~8% density: mean gap ~12
 
@@ -198,3 +200,18 @@ def test_sparsity_mask_hits_target_exactly() -> None:
     assert (w.abs()[~m].max() < w.abs()[m].min()).item()
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
         sparsity_mask(w, 1.5)
+
+
+def test_huffman_lockstep_decoding_with_sync_points_matches_pointer_doubling() -> None:
+    rng = np.random.default_rng(6)
+    s = np.minimum(rng.geometric(0.15, size=16 * huffman.SYNC_INTERVAL + 123), 40)
+    st = huffman.encode(s)
+    assert st.sync.size == huffman.sync_count(s.size, st.n_bits) == 16
+    np.testing.assert_array_equal(huffman.decode(st.lengths, st.data, st.n_symbols, st.n_bits, st.sync), s)
+    np.testing.assert_array_equal(huffman.decode(st.lengths, st.data, st.n_symbols, st.n_bits), s)
+    bad = st.sync.copy()
+    bad[3] += 1  # a sync point off by one bit no longer meets the previous lane's end
+    with pytest.raises(ValueError, match="does not decode"):
+        huffman.decode(st.lengths, st.data, st.n_symbols, st.n_bits, bad)
+    with pytest.raises(ValueError, match="expected 16 sync offsets"):
+        huffman.decode(st.lengths, st.data, st.n_symbols, st.n_bits, st.sync[:-1])

@@ -104,6 +104,8 @@ def _encode_weight(t: torch.Tensor, max_index_bits: int) -> tuple[dict[str, Any]
             codebook.astype("<f4").tobytes(),
             cs.lengths.astype(np.uint8).tobytes(),
             gs.lengths.astype(np.uint8).tobytes(),
+            cs.sync.astype("<u4").tobytes(),
+            gs.sync.astype("<u4").tobytes(),
             cs.data,
             gs.data,
         ]
@@ -120,6 +122,7 @@ def _encode_weight(t: torch.Tensor, max_index_bits: int) -> tuple[dict[str, Any]
         "gap_table": int(gs.lengths.size),
         "gap_bits": gs.n_bits,
         "gap_bytes": len(gs.data),
+        "sync_interval": huffman.SYNC_INTERVAL,
     }
     return record, payload
 
@@ -275,16 +278,22 @@ def _decode_record(rec: Mapping[str, Any], data: memoryview) -> torch.Tensor:
     if rec["encoding"] != HUFFMAN_SPARSE or dtype != torch.float32:
         raise ValueError(f"unknown encoding {rec['encoding']!r} for dtype {rec['dtype']}")
     k, at = int(rec["codebook"]), 0
+    entries = int(rec["entries"])
+    if int(rec.get("sync_interval", huffman.SYNC_INTERVAL)) != huffman.SYNC_INTERVAL:
+        raise ValueError(f"sync interval {rec['sync_interval']} is not {huffman.SYNC_INTERVAL}")
+    code_sync = 4 * huffman.sync_count(entries, int(rec["code_bits"]))
+    gap_sync = 4 * huffman.sync_count(entries, int(rec["gap_bits"]))
     parts = []
-    for size in (4 * k, int(rec["code_table"]), int(rec["gap_table"]), int(rec["code_bytes"]), int(rec["gap_bytes"])):
+    sizes = [4 * k, int(rec["code_table"]), int(rec["gap_table"]), code_sync, gap_sync]
+    for size in (*sizes, int(rec["code_bytes"]), int(rec["gap_bytes"])):
         parts.append(bytes(data[at : at + size]))
         at += size
     if at != len(data):
         raise ValueError(f"record holds {len(data)} bytes, its fields {at}")
     codebook = np.concatenate([[0.0], np.frombuffer(parts[0], dtype="<f4")]).astype(np.float32)
-    entries = int(rec["entries"])
-    codes = huffman.decode(np.frombuffer(parts[1], np.uint8), parts[3], entries, int(rec["code_bits"]))
-    gaps = huffman.decode(np.frombuffer(parts[2], np.uint8), parts[4], entries, int(rec["gap_bits"]))
+    code_lengths, gap_lengths = np.frombuffer(parts[1], np.uint8), np.frombuffer(parts[2], np.uint8)
+    codes = huffman.decode(code_lengths, parts[5], entries, int(rec["code_bits"]), np.frombuffer(parts[3], "<u4"))
+    gaps = huffman.decode(gap_lengths, parts[6], entries, int(rec["gap_bits"]), np.frombuffer(parts[4], "<u4"))
     if gaps.size and gaps.max() >= (1 << int(rec["index_bits"])):
         raise ValueError("a gap exceeds the index width")
     positions = decode_positions(gaps)

@@ -8,10 +8,13 @@ gaps.
 Nothing loops in Python per symbol:
 
 * encoding writes bit ``j`` of every code at once, for ``j`` in ``0..max_length-1``;
-* decoding reads, at **every** bit position, the ``max_length``-bit window starting there and finds the symbol
-  whose left-justified canonical code is the largest not above it (``searchsorted``), which gives the symbol and the
-  position of the next code if a code started there. The positions where codes really start are the orbit of 0
-  under ``next``; they are found by pointer doubling (``V <- V ++ J[V]``, ``J <- J[J]``), ``log2(n)`` gathers.
+* the encoder records a **sync point** (the bit offset) every :data:`SYNC_INTERVAL` symbols. Long streams are
+  decoded in lockstep: one lane per sync interval, and each of the ``SYNC_INTERVAL`` steps decodes one symbol in
+  every lane at once with a table lookup on the ``max_length``-bit window at the lane's position;
+* short streams (and streams without sync points) are decoded without any loop over symbols: at **every** bit
+  position, the window gives the symbol and the next code's position if a code started there; the positions where
+  codes really start are the orbit of 0 under ``next``, found by pointer doubling (``V <- V ++ J[V]``,
+  ``J <- J[J]``, ``log2(n)`` gathers).
 
 A stream holding a single distinct symbol costs zero bits: its count is known from the container.
 """
@@ -25,6 +28,7 @@ import numpy as np
 
 __all__ = [
     "MAX_CODE_LENGTH",
+    "SYNC_INTERVAL",
     "HuffmanStream",
     "canonical_codes",
     "code_lengths",
@@ -32,9 +36,17 @@ __all__ = [
     "decode",
     "encode",
     "entropy_bits",
+    "sync_count",
 ]
 
 MAX_CODE_LENGTH = 24
+SYNC_INTERVAL = 4096  # symbols between two recorded bit offsets
+_LOCKSTEP_MIN_SYMBOLS = 16 * SYNC_INTERVAL  # below this, pointer doubling is faster
+
+
+def sync_count(n_symbols: int, n_bits: int) -> int:
+    """Number of sync points stored for a stream: one per started interval after the first (none without bits)."""
+    return max(-(-n_symbols // SYNC_INTERVAL) - 1, 0) if n_bits else 0
 
 
 def _huffman_lengths(counts: np.ndarray) -> np.ndarray:
@@ -124,6 +136,7 @@ class HuffmanStream:
     data: bytes  # big-endian bit order inside each byte (np.packbits)
     n_symbols: int
     n_bits: int
+    sync: np.ndarray  # uint32 bit offsets of symbols SYNC_INTERVAL, 2*SYNC_INTERVAL, ... (see sync_count)
 
 
 def coded_bits(counts: np.ndarray, lengths: np.ndarray) -> int:
@@ -160,7 +173,7 @@ def encode(symbols: np.ndarray, alphabet_size: int | None = None, max_length: in
     counts = np.bincount(s, minlength=size)
     lengths = code_lengths(counts, max_length)
     if np.count_nonzero(counts) <= 1:
-        return HuffmanStream(lengths, b"", int(s.size), 0)
+        return HuffmanStream(lengths, b"", int(s.size), 0, np.zeros(0, dtype=np.uint32))
     codes, _, _ = canonical_codes(lengths)
     ls = lengths.astype(np.int64)[s]  # (n,)
     cs = codes[s]
@@ -172,11 +185,17 @@ def encode(symbols: np.ndarray, alphabet_size: int | None = None, max_length: in
         sel = ls > j
         shift = (ls[sel] - 1 - j).astype(np.uint64)
         bits[starts[sel] + j] = ((cs[sel] >> shift) & np.uint64(1)).astype(np.uint8)
-    return HuffmanStream(lengths, np.packbits(bits).tobytes(), int(s.size), n_bits)
+    if n_bits >= 2**32:
+        raise ValueError(f"a Huffman stream of {n_bits} bits exceeds the 2**32-bit limit of sync offsets")
+    sync = starts[SYNC_INTERVAL::SYNC_INTERVAL].astype(np.uint32)
+    return HuffmanStream(lengths, np.packbits(bits).tobytes(), int(s.size), n_bits, sync)
 
 
-def decode(lengths: np.ndarray, data: bytes, n_symbols: int, n_bits: int) -> np.ndarray:
+def decode(lengths: np.ndarray, data: bytes, n_symbols: int, n_bits: int, sync: np.ndarray | None = None) -> np.ndarray:
     """Decode ``n_symbols`` symbols from a canonical-Huffman bit stream (vectorised, see the module docstring).
+
+    ``sync`` holds the bit offsets recorded by :func:`encode`; long streams with them decode in lockstep, others by
+    pointer doubling (same result).
 
     Raises:
         ValueError: if the table is not a valid prefix code or the bits do not decode to exactly ``n_symbols``
@@ -200,6 +219,8 @@ def decode(lengths: np.ndarray, data: bytes, n_symbols: int, n_bits: int) -> np.
     if len(data) * 8 < n_bits or n_bits < n_symbols:
         raise ValueError(f"Huffman stream too short: {len(data)} bytes for {n_bits} bits and {n_symbols} symbols")
     _, order, left = canonical_codes(lengths)
+    if sync is not None and n_symbols >= _LOCKSTEP_MIN_SYMBOLS:
+        return _decode_lockstep(lengths, order, left, lmax, data, n_symbols, n_bits, np.asarray(sync, np.int64))
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n_bits)
     padded = np.concatenate([bits, np.zeros(lmax, dtype=np.uint8)])
     window = np.zeros(n_bits, dtype=np.uint64)
@@ -221,3 +242,46 @@ def decode(lengths: np.ndarray, data: bytes, n_symbols: int, n_bits: int) -> np.
     if starts[-1] >= n_bits or nxt[starts[-1]] != n_bits or (n_symbols > 1 and starts[-1] <= starts[-2]):
         raise ValueError("Huffman stream does not decode to the recorded number of symbols and bits")
     return order[rank[starts]].astype(np.int64)
+
+
+def _decode_lockstep(
+    lengths: np.ndarray,
+    order: np.ndarray,
+    left: np.ndarray,
+    lmax: int,
+    data: bytes,
+    n_symbols: int,
+    n_bits: int,
+    sync: np.ndarray,
+) -> np.ndarray:
+    """One lane per sync interval; each step decodes one symbol in every lane by a table lookup."""
+    if sync.size != sync_count(n_symbols, n_bits):
+        raise ValueError(f"expected {sync_count(n_symbols, n_bits)} sync offsets, got {sync.size}")
+    use_table = lmax <= 16  # a lookup table of 2**lmax entries; longer codes search the sorted codes instead
+    if use_table:
+        table_rank = np.searchsorted(left, np.arange(1 << lmax, dtype=np.uint64), side="right") - 1  # (2**lmax,)
+    sym_by_rank = order
+    len_by_rank = lengths[order]
+    b = np.concatenate([np.frombuffer(data, dtype=np.uint8), np.zeros(8, dtype=np.uint8)]).astype(np.uint64)
+    words = (b[:-3] << np.uint64(24)) | (b[1:-2] << np.uint64(16)) | (b[2:-1] << np.uint64(8)) | b[3:]  # big-endian
+    starts = np.concatenate([[0], sync])  # (lanes,)
+    if (np.diff(starts) <= 0).any() or starts[-1] >= n_bits:
+        raise ValueError("sync offsets are not increasing positions inside the stream")
+    lanes = starts.size
+    pos = starts.copy()
+    out = np.zeros((lanes, SYNC_INTERVAL), dtype=np.int64)
+    limit = np.int64(n_bits)
+    shift = np.uint64(32 - lmax)
+    mask32 = np.uint64(0xFFFFFFFF)
+    for step in range(SYNC_INTERVAL):  # one symbol of every lane per step (lmax + 7 <= 32 bits per word)
+        w = words[np.minimum(pos, limit) >> 3]
+        window = ((w << (pos & 7).astype(np.uint64)) & mask32) >> shift
+        rank = table_rank[window] if use_table else np.searchsorted(left, window, side="right") - 1
+        out[:, step] = sym_by_rank[rank]
+        pos += len_by_rank[rank]
+        if step == (n_symbols - 1) % SYNC_INTERVAL:
+            last_end = int(pos[-1])  # the last lane is complete here
+    ends = np.concatenate([starts[1:], [n_bits]])
+    if not np.array_equal(pos[:-1], ends[:-1]) or last_end != n_bits:
+        raise ValueError("Huffman stream does not decode to the recorded number of symbols and bits")
+    return out.reshape(-1)[:n_symbols]

@@ -48,7 +48,7 @@ class TensorStats:
     index_bits: int = 0
     code_bits: int = 0  # Huffman payload bits of the cluster codes
     gap_bits: int = 0  # Huffman payload bits of the index gaps
-    stream_bytes: int = 0  # bytes of both coded streams + their length tables
+    stream_bytes: int = 0  # bytes of both coded streams with their length tables and sync offsets
     code_entropy_bits: float = 0.0  # entries * H(codes)
     gap_entropy_bits: float = 0.0  # entries * H(gaps)
 
@@ -136,7 +136,7 @@ def compression_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         codebook = np.unique(values)
         codes = np.searchsorted(codebook, values) + 1
         gc, cc = stream_counts(positions, codes, int(rec["index_bits"]))
-        stream_bytes = int(rec["code_table"] + rec["gap_table"] + rec["code_bytes"] + rec["gap_bytes"])
+        stream_bytes = int(rec["length"]) - 4 * int(rec["codebook"])  # tables, sync offsets and coded bits
         stats.append(
             TensorStats(
                 compressed=True,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.compress.huffman import code_lengths, coded_bits
+from distill.compress.huffman import code_lengths, coded_bits, sync_count
 
 __all__ = ["best_index_bits", "decode_positions", "encode_positions", "stream_counts"]
 
@@ -77,7 +77,7 @@ def _table_bytes(counts: np.ndarray) -> int:
 
 
 def best_index_bits(positions: np.ndarray, codes: np.ndarray, max_bits: int = 12) -> tuple[int, dict[int, int]]:
-    """The index width ``b`` in ``0..max_bits`` giving the smallest Huffman-coded size (streams + tables).
+    """The index width ``b`` in ``0..max_bits`` giving the smallest Huffman-coded size (streams, tables, sync points).
 
     Args:
         positions: sorted flat positions of the non-zeros.
@@ -90,7 +90,9 @@ def best_index_bits(positions: np.ndarray, codes: np.ndarray, max_bits: int = 12
     sizes: dict[int, int] = {}
     for b in range(max_bits + 1):
         gc, cc = stream_counts(positions, codes, b)
-        bits = coded_bits(gc, code_lengths(gc)) + coded_bits(cc, code_lengths(cc))
-        sizes[b] = bits + 8 * (_table_bytes(gc) + _table_bytes(cc))
+        entries = int(gc.sum())
+        g_bits, c_bits = coded_bits(gc, code_lengths(gc)), coded_bits(cc, code_lengths(cc))
+        sync = 32 * (sync_count(entries, g_bits) + sync_count(entries, c_bits))
+        sizes[b] = g_bits + c_bits + sync + 8 * (_table_bytes(gc) + _table_bytes(cc))
     best = min(sizes, key=lambda b: (sizes[b], b))
     return best, sizes
