@@ -215,3 +215,8 @@ def test_huffman_lockstep_decoding_with_sync_points_matches_pointer_doubling() -
         huffman.decode(st.lengths, st.data, st.n_symbols, st.n_bits, bad)
     with pytest.raises(ValueError, match="expected 16 sync offsets"):
         huffman.decode(st.lengths, st.data, st.n_symbols, st.n_bits, st.sync[:-1])
+
+
+def test_sparsity_mask_breaks_ties_by_position() -> None:
+    w = torch.tensor([3.0, 1.0, -1.0, 1.0, 2.0, 0.0])
+    assert sparsity_mask(w, 0.5).tolist() == [True, False, False, True, True, False]

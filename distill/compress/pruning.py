@@ -52,8 +52,11 @@ def sparsity_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = int(round(sparsity * flat.numel()))
     mask = torch.ones_like(flat, dtype=torch.bool)
     if k > 0:
-        order = torch.sort(flat, stable=True).indices
-        mask[order[:k]] = False
+        kth = flat.kthvalue(k).values  # O(n) selection instead of a full sort
+        below = flat < kth
+        mask[below] = False
+        ties = torch.nonzero(flat == kth).flatten()  # in position order, as a stable sort would rank them
+        mask[ties[: k - int(below.sum())]] = False
     return mask.view_as(weight)
 
 
