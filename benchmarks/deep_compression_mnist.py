@@ -5,7 +5,7 @@ PruneQuantize writes ``model.dstl``, the size report and the accuracy of the dec
 
     DISTILL_DATA=../shared/data python -m benchmarks.deep_compression_mnist \
         --teacher runs/lenet300_100_teacher/checkpoints/last.ckpt --epochs 6 --prune-epochs 0 2 4 \
-        --quality 0.8 1.3 1.6 --bits-fc 6
+        --sparsity 0.6 0.85 0.92 --bits-fc 6 --limit-train-batches 0.5
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def main() -> None:
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--prune-epochs", type=int, nargs="+", default=[0, 2, 4])
-    ap.add_argument("--quality", type=float, nargs="+", default=[0.8, 1.3, 1.6])
+    ap.add_argument("--quality", type=float, nargs="+", default=None, help="quality x std per iteration")
+    ap.add_argument("--sparsity", type=float, nargs="+", default=None, help="or target sparsity per iteration")
     ap.add_argument("--bits-conv", type=int, default=8)
     ap.add_argument("--bits-fc", type=int, default=6)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -48,7 +49,7 @@ def main() -> None:
         max_epochs=args.epochs,
         accelerator="cpu",
         logger=TensorBoardLogger("runs", name=args.name),
-        callbacks=[MagnitudePruning(quality=args.quality, prune_epochs=args.prune_epochs), pq],
+        callbacks=[MagnitudePruning(quality=args.quality, sparsity=args.sparsity, prune_epochs=args.prune_epochs), pq],
         limit_train_batches=args.limit_train_batches,
         enable_progress_bar=False,
         enable_checkpointing=False,

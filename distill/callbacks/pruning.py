@@ -173,7 +173,7 @@ class MagnitudePruning(Callback):
 
     def sparsity_by_layer(self) -> dict[str, float]:
         """Fraction of exact zeros of each pruned weight, keyed by layer (the name without ``.weight``)."""
-        return {n.removesuffix(".weight"): float((p == 0).float().mean()) for n, p in self._params.items()}
+        return {n.removesuffix(".weight"): float((p == 0).double().mean()) for n, p in self._params.items()}
 
     def zero_rate(self) -> float:
         """Fraction of exact zeros over all pruned weights."""
