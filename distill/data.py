@@ -109,7 +109,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.val_set: TensorBatchDataset | None = None
         self.test_set: TensorBatchDataset | None = None
 
-    def _split(self, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor) -> None:
+    def _split(
+        self, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor
+    ) -> None:
         if self.val_size >= len(y):
             raise ValueError(f"val_size={self.val_size} leaves no training data (the training set has {len(y)})")
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
@@ -148,12 +150,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         return self._loader(self.test_set, train=False)
 
 
-_MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 class MNISTDataModule(InMemoryDataModule):
@@ -177,7 +174,8 @@ class MNISTDataModule(InMemoryDataModule):
         return DataNotFoundError(
             f"MNIST not found under {raw} (looked for {files}, or their .gz files) and {how}. "
             f"Fix: point DISTILL_DATA or --data.data_dir at a folder that holds MNIST/raw, "
-            f"or allow torchvision to download it with --data.download true." + (f" Cause: {cause}" if cause else "")
+            f"or allow torchvision to download it with --data.download true."
+            + (f" Cause: {cause}" if cause else "")
         )
 
     def _dataset(self, train: bool) -> object:
