@@ -3,5 +3,7 @@
 from distill.callbacks.figures import FigureLogger
 from distill.callbacks.gmm_prior import GMMPrior
 from distill.callbacks.load_weights import LoadWeights
+from distill.callbacks.prune_quantize import PruneQuantize
+from distill.callbacks.pruning import MagnitudePruning
 
-__all__ = ["FigureLogger", "GMMPrior", "LoadWeights"]
+__all__ = ["FigureLogger", "GMMPrior", "LoadWeights", "MagnitudePruning", "PruneQuantize"]

@@ -1,0 +1,191 @@
+"""The last stage of Deep Compression at the end of training: share weights, write the file, evaluate what was written.
+
+Han, Mao & Dally, "Deep Compression" (ICLR 2016): per layer, prune (optionally, usually already done by
+:class:`~distill.callbacks.MagnitudePruning`), k-means weight sharing with linear initialisation (8 bits for
+convolutions, 5 for dense layers in the paper), optional trained quantization of the shared values, then Huffman
+coding into a relative-index sparse file. With a ``GMMPrior`` callback in the trainer (soft weight-sharing, Ullrich,
+Meeds & Welling 2017), its merged mixture is the codebook instead of k-means.
+
+The test accuracy reported as ``decoded`` is measured on the model read back from the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import RunningStage
+from torch import nn
+from typing_extensions import override
+
+from distill.callbacks.pruning import run_folder
+from distill.compress.kmeans import clusters_for_bits
+from distill.compress.pipeline import deep_compress
+
+__all__ = ["PruneQuantize"]
+
+
+def _find_gmm_prior(trainer: pl.Trainer) -> Any | None:
+    try:
+        from distill.callbacks.gmm_prior import GMMPrior  # written alongside (issue 4); optional here
+    except ImportError:
+        GMMPrior = None  # noqa: N806
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        is_gmm = (GMMPrior is not None and isinstance(cb, GMMPrior)) or type(cb).__name__ == "GMMPrior"
+        if is_gmm and callable(getattr(cb, "quantize", None)):
+            return cb
+    return None
+
+
+class PruneQuantize(Callback):
+    """At the end of training, compress the network into a file and report its size and decoded accuracy.
+
+    Writes into the run folder: the compressed file, ``compression_report.json``/``.md`` and ``accuracy.json``
+    (``before``/``quantized``/``decoded`` test accuracy); logs ``compress/rate``, ``compress/file_bytes`` and
+    ``compress/test_acc``.
+
+    Args:
+        bits_conv: code bits for convolution weights (Han: 8).
+        bits_fc: code bits for dense weights (Han: 5).
+        quality: prune ``|w| < quality * std`` before sharing (None: keep the zeros training left).
+        sparsity: or prune to this fraction of zeros.
+        finetune_epochs: epochs of trained quantization over the training data (0: none).
+        finetune_lr: SGD learning rate of the shared values.
+        finetune_batches: at most this many batches per fine-tuning epoch.
+        filename: the compressed file, relative to the run folder (or absolute).
+        module_attr: attribute of the LightningModule holding the network; default ``student``, else ``model``,
+            else the LightningModule itself.
+        use_gmm_prior: use a ``GMMPrior`` callback's quantization when one is present.
+        evaluate: measure test accuracy (needs ``trainer.datamodule.test_dataloader()``).
+
+    Raises:
+        ValueError: on a misconfiguration, naming the argument.
+    """
+
+    def __init__(
+        self,
+        bits_conv: int = 8,
+        bits_fc: int = 5,
+        quality: float | None = None,
+        sparsity: float | None = None,
+        finetune_epochs: int = 0,
+        finetune_lr: float = 1e-4,
+        finetune_batches: int | None = None,
+        filename: str = "model.dstl",
+        module_attr: str | None = None,
+        use_gmm_prior: bool = True,
+        evaluate: bool = True,
+    ) -> None:
+        super().__init__()
+        clusters_for_bits(bits_conv)  # raises with the value if out of range
+        clusters_for_bits(bits_fc)
+        if quality is not None and sparsity is not None:
+            raise ValueError(f"give quality or sparsity, not both (quality={quality}, sparsity={sparsity})")
+        if quality is not None and quality < 0:
+            raise ValueError(f"quality must be >= 0, got {quality}")
+        if sparsity is not None and not 0 <= sparsity <= 1:
+            raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+        if finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
+        if not filename:
+            raise ValueError("filename must be a non-empty path")
+        self.bits_conv = bits_conv
+        self.bits_fc = bits_fc
+        self.quality = quality
+        self.sparsity = sparsity
+        self.finetune_epochs = finetune_epochs
+        self.finetune_lr = finetune_lr
+        self.finetune_batches = finetune_batches
+        self.filename = filename
+        self.module_attr = module_attr
+        self.use_gmm_prior = use_gmm_prior
+        self.evaluate = evaluate
+        self.result: dict[str, Any] | None = None
+        self.note: str | None = None
+
+    def network(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The network to compress (see ``module_attr``)."""
+        if self.module_attr is not None:
+            net = getattr(pl_module, self.module_attr, None)
+            if not isinstance(net, nn.Module):
+                raise ValueError(f"module_attr={self.module_attr!r} is not an nn.Module of {type(pl_module).__name__}")
+            return net
+        for attr in ("student", "model"):
+            net = getattr(pl_module, attr, None)
+            if isinstance(net, nn.Module):
+                return net
+        return pl_module
+
+    def _loader(self, trainer: pl.Trainer, kind: str) -> Any | None:
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None:
+            return None
+        try:
+            dm.setup("test" if kind == "test" else "fit")
+            return getattr(dm, f"{kind}_dataloader")()
+        except Exception as err:  # noqa: BLE001 - any datamodule: report and continue without accuracy
+            self.note = f"no {kind} data: {type(err).__name__}: {err}"
+            return None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.compress(trainer, pl_module)
+
+    def compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Run the compression now (also usable outside ``on_train_end``)."""
+        net = self.network(pl_module)
+        gmm = _find_gmm_prior(trainer) if self.use_gmm_prior else None
+        if gmm is not None:
+            gmm.quantize(pl_module)  # sets every weight to its component's mean, zero component -> 0
+        folder = run_folder(trainer)
+        path = Path(self.filename) if Path(self.filename).is_absolute() else folder / self.filename
+        test_loader = self._loader(trainer, "test") if self.evaluate else None
+        if self.evaluate and test_loader is None and self.note is None:
+            self.note = "no datamodule with a test_dataloader(): accuracies skipped"
+        train_loader = self._loader(trainer, "train") if self.finetune_epochs > 0 else None
+        dm = getattr(trainer, "datamodule", None)
+        hook = getattr(dm, "on_after_batch_transfer", None)
+
+        def transform(batch: Any) -> Any:  # the datamodule's device-side preprocessing, evaluation mode
+            if hook is None:
+                return batch
+            stage = trainer.state.stage
+            trainer.state.stage = RunningStage.TESTING  # no training augmentation
+            try:
+                return hook(batch, 0)
+            finally:
+                trainer.state.stage = stage
+
+        self.result = deep_compress(
+            net,
+            path,
+            bits_conv=self.bits_conv,
+            bits_fc=self.bits_fc,
+            quality=self.quality,
+            sparsity=self.sparsity,
+            already_shared=gmm is not None,
+            finetune_loader=train_loader,
+            finetune_epochs=self.finetune_epochs,
+            finetune_lr=self.finetune_lr,
+            finetune_batches=self.finetune_batches,
+            test_loader=test_loader,
+            report_dir=folder,
+            meta={"codebook_source": "GMMPrior" if gmm is not None else "kmeans", "note": self.note},
+            batch_transform=transform,
+        )
+        totals = self.result["report"]["totals"]
+        if trainer.logger is not None:
+            metrics = {"compress/rate": totals["compression_rate"], "compress/file_bytes": float(totals["file_bytes"])}
+            if self.result["accuracy"]["decoded"] is not None:
+                metrics["compress/test_acc"] = self.result["accuracy"]["decoded"]
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        return self.result
+
+    def output_paths(self) -> dict[str, str]:
+        """Files written (for the CLI's summary)."""
+        if self.result is None:
+            return {}
+        return {k: str(v) for k, v in self.result["paths"].items()}

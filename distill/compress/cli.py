@@ -1,0 +1,187 @@
+"""``distill compress`` (checkpoint -> compressed file) and ``distill evaluate`` (compressed file -> test accuracy).
+
+Examples::
+
+    distill compress runs/lenet300_100_dc/checkpoints/last.ckpt --out lenet.dstl --bits-fc 6
+    distill compress runs/lenet300_100_dc --out lenet.dstl          # the run's last.ckpt
+    distill evaluate lenet.dstl --data mnist --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.arch import ArchitectureError, build_module
+from distill.compress.fileformat import CompressedFileError, load_compressed, read_header
+from distill.compress.pipeline import deep_compress, evaluate_accuracy
+
+__all__ = ["compress_main", "evaluate_main", "find_checkpoint", "network_from_checkpoint"]
+
+_NETWORK_KEYS = ("student", "model")  # hparams / state-dict prefixes of the network in our LightningModules
+
+
+class CLIError(Exception):
+    """A user error: printed without a traceback, exit code 2."""
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a file, else ``last.ckpt`` inside a run folder (``checkpoints/`` or below).
+
+    Raises:
+        CLIError: if nothing suitable exists.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+            if cand.is_file():
+                return cand
+        found = sorted(p.rglob("last.ckpt"), key=lambda c: c.stat().st_mtime)
+        if found:
+            return found[-1]
+        raise CLIError(f"no last.ckpt under run folder {p}; pass the checkpoint file itself")
+    raise CLIError(f"checkpoint or run folder not found: {p}")
+
+
+def network_from_checkpoint(path: str | Path) -> tuple[nn.Module, str]:
+    """Rebuild the network (``student`` or ``model``) of a Classifier/Distiller checkpoint, without unpickling.
+
+    The architecture is the ``class_path``/``init_args`` in the checkpoint's hyper-parameters; the weights are the
+    state-dict entries under that prefix.
+
+    Returns:
+        ``(network, prefix)``.
+
+    Raises:
+        CLIError: if the checkpoint holds no rebuildable network.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file: say which and why
+        raise CLIError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise CLIError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    hparams = ckpt.get("hyper_parameters") or {}
+    state = ckpt["state_dict"]
+    for key in _NETWORK_KEYS:
+        spec = hparams.get(key)
+        if not isinstance(spec, Mapping):
+            continue
+        prefix = f"{key}."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not sub:
+            continue
+        try:
+            net = build_module(spec)
+            net.load_state_dict(sub, strict=True)
+        except (ArchitectureError, RuntimeError) as err:
+            raise CLIError(f"cannot rebuild {key!r} of {path}: {err}") from err
+        return net, key
+    raise CLIError(
+        f"{path} holds no network description under hyper-parameters {list(_NETWORK_KEYS)} "
+        f"(found {sorted(hparams)}); was it written by distill's Classifier or Distiller?"
+    )
+
+
+def _datamodule(name: str, data_dir: str | None, subset_file: str | None, batch_size: int) -> Any:
+    from distill.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
+
+    if name == "mnist":
+        return MNISTDataModule(data_dir=data_dir, download=False, eval_batch_size=batch_size)
+    if name == "cifar10":
+        return CIFAR10DataModule(data_dir=data_dir, download=False, subset_file=subset_file, eval_batch_size=batch_size)
+    return DigitsDataModule(eval_batch_size=batch_size)
+
+
+def _test_batches(args: argparse.Namespace) -> tuple[Any, Any]:
+    dm = _datamodule(args.data, args.data_dir, args.subset_file, args.batch_size)
+    dm.setup("test")
+    return dm.test_dataloader(), (lambda b: dm.on_after_batch_transfer(b, 0))
+
+
+def _run(fn: Any, argv: list[str]) -> int:
+    try:
+        return int(fn(argv) or 0)
+    except (CLIError, CompressedFileError, FileNotFoundError, ArchitectureError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _compress(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="distill compress", description="Deep-compress a checkpoint into a file.")
+    ap.add_argument("checkpoint", help="a .ckpt file, or a run folder holding checkpoints/last.ckpt")
+    ap.add_argument("--out", required=True, help="the compressed file to write (e.g. model.dstl)")
+    ap.add_argument("--bits-conv", type=int, default=8, help="k-means code bits of conv weights (Han: 8)")
+    ap.add_argument("--bits-fc", type=int, default=5, help="k-means code bits of dense weights (Han: 5)")
+    prune = ap.add_mutually_exclusive_group()
+    prune.add_argument("--quality", type=float, help="prune |w| < quality * std(layer) first")
+    prune.add_argument("--sparsity", type=float, help="prune each layer to this fraction of zeros first")
+    ap.add_argument("--data", choices=["mnist", "cifar10", "digits"], help="evaluate on this test set")
+    ap.add_argument("--data-dir", help="data root (default $DISTILL_DATA)")
+    ap.add_argument("--subset-file", help="CIFAR-10 .npz subset")
+    ap.add_argument("--batch-size", type=int, default=1000)
+    args = ap.parse_args(argv)
+    ckpt = find_checkpoint(args.checkpoint)
+    net, key = network_from_checkpoint(ckpt)
+    loader, transform = _test_batches(args) if args.data else (None, None)
+    out = Path(args.out)
+    result = deep_compress(
+        net,
+        out,
+        bits_conv=args.bits_conv,
+        bits_fc=args.bits_fc,
+        quality=args.quality,
+        sparsity=args.sparsity,
+        test_loader=loader,
+        batch_transform=transform,
+        report_dir=out.parent,
+        meta={"checkpoint": str(ckpt), "network": key},
+    )
+    t = result["report"]["totals"]
+    print(f"compressed {key} of {ckpt}")
+    print(f"file:              {out} ({t['file_bytes']:,} bytes, dense {t['dense_bytes']:,})")
+    print(f"compression rate:  {t['compression_rate']:.1f}x  (zero weights {100 * t['zero_rate']:.2f}%)")
+    acc = result["accuracy"]
+    if acc["decoded"] is not None:
+        print(f"test accuracy:     before {acc['before']:.4f}  decoded {acc['decoded']:.4f}")
+    for label, path in result["paths"].items():
+        print(f"{label + ':':<18} {path}")
+    return 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="distill evaluate", description="Test accuracy of a compressed model file.")
+    ap.add_argument("file", help="a compressed model file written by distill")
+    ap.add_argument("--data", choices=["mnist", "cifar10", "digits"], required=True)
+    ap.add_argument("--data-dir", help="data root (default $DISTILL_DATA)")
+    ap.add_argument("--subset-file", help="CIFAR-10 .npz subset")
+    ap.add_argument("--batch-size", type=int, default=1000)
+    args = ap.parse_args(argv)
+    header = read_header(args.file)
+    net = load_compressed(args.file)
+    loader, transform = _test_batches(args)
+    acc = evaluate_accuracy(net, loader, "cpu", transform)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"model:             {header['arch']['class_path']} ({n_params:,} parameters)")
+    rate = 4 * n_params / header["file_bytes"]
+    print(f"file:              {args.file} ({header['file_bytes']:,} bytes, compression rate {rate:.1f}x)")
+    print(f"test accuracy:     {acc:.4f} (error {100 * (1 - acc):.2f}%)")
+    return 0
+
+
+def compress_main(argv: list[str]) -> int:
+    """``distill compress CKPT_OR_RUN --out FILE [--bits-conv 8 --bits-fc 5 --quality Q]``; returns the exit code."""
+    return _run(_compress, argv)
+
+
+def evaluate_main(argv: list[str]) -> int:
+    """``distill evaluate FILE --data mnist|cifar10|digits [--data-dir D]``; returns the exit code."""
+    return _run(_evaluate, argv)

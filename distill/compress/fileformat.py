@@ -1,0 +1,357 @@
+"""The compressed model file (``.dstl``): writer and reader. The layout is documented in ``docs/FORMAT.md``.
+
+A file holds the architecture (``class_path``/``init_args``, see :mod:`distill.arch`) and every tensor of the
+state dict. Each compressible weight whose values come from a small codebook (after pruning and weight sharing) is
+stored as in Deep Compression (Han, Mao & Dally, ICLR 2016): a float32 codebook, and the Huffman-coded cluster
+codes and relative-index gaps of its non-zero entries (:mod:`distill.compress.sparse`,
+:mod:`distill.compress.huffman`). Every other tensor is stored raw. The index width is chosen per tensor to
+minimise its size.
+
+Reading never unpickles and never runs code from the file: the header is JSON, tensors are raw bytes, and the
+model class must be an importable ``nn.Module`` subclass. A truncated, corrupted, foreign or newer file raises
+:class:`CompressedFileError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import distill
+from distill.arch import arch_spec, build_module
+from distill.compress import huffman
+from distill.compress.params import compressible_parameters
+from distill.compress.sparse import best_index_bits, decode_positions, encode_positions
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "CompressedFileError",
+    "decode_into",
+    "load_compressed",
+    "load_compressed_state_dict",
+    "read_header",
+    "save_compressed",
+]
+
+MAGIC = b"\x89DSTL\r\n\x1a"  # PNG-style: non-ASCII first byte, CR-LF and ^Z catch text-mode mangling
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sHI")  # magic, version, header length
+_CRC = struct.Struct("<I")
+HUFFMAN_SPARSE = "huffman-sparse"
+RAW = "raw"
+MAX_CODEBOOK = (1 << 16) - 1
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+class CompressedFileError(ValueError):
+    """A compressed model file is not valid: foreign, truncated, corrupted, of an unknown version or inconsistent."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise TypeError(f"cannot store a tensor of dtype {dtype}; supported: {sorted(_DTYPES)}")
+    return name
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy().tobytes()  # little-endian on every platform torch supports
+
+
+def _encode_weight(t: torch.Tensor, max_index_bits: int) -> tuple[dict[str, Any], bytes] | None:
+    """Huffman-sparse record of a float32 tensor, or None when it has too many distinct values to share."""
+    flat = t.detach().cpu().reshape(-1).numpy()
+    positions = np.flatnonzero(flat)
+    values = flat[positions]
+    codebook, codes = np.unique(values, return_inverse=True)
+    if codebook.size > MAX_CODEBOOK:
+        return None
+    codes = codes.astype(np.int64) + 1  # code 0 is the exact zero (pruned weights and padding entries)
+    bits, _ = best_index_bits(positions, codes, max_index_bits)
+    gaps, real = encode_positions(positions, bits)
+    entry_codes = np.zeros(gaps.size, dtype=np.int64)
+    entry_codes[real] = codes
+    cs = huffman.encode(entry_codes)
+    gs = huffman.encode(gaps)
+    payload = b"".join(
+        [
+            codebook.astype("<f4").tobytes(),
+            cs.lengths.astype(np.uint8).tobytes(),
+            gs.lengths.astype(np.uint8).tobytes(),
+            cs.sync.astype("<u4").tobytes(),
+            gs.sync.astype("<u4").tobytes(),
+            cs.data,
+            gs.data,
+        ]
+    )
+    record = {
+        "encoding": HUFFMAN_SPARSE,
+        "nonzero": int(positions.size),
+        "codebook": int(codebook.size),
+        "index_bits": int(bits),
+        "entries": int(gaps.size),
+        "code_table": int(cs.lengths.size),
+        "code_bits": cs.n_bits,
+        "code_bytes": len(cs.data),
+        "gap_table": int(gs.lengths.size),
+        "gap_bits": gs.n_bits,
+        "gap_bytes": len(gs.data),
+        "sync_interval": huffman.SYNC_INTERVAL,
+    }
+    return record, payload
+
+
+def save_compressed(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    compress: Iterable[str] | None = None,
+    arch: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    max_index_bits: int = 12,
+) -> dict[str, Any]:
+    """Write ``model`` (its architecture and state dict) to a compressed file, atomically.
+
+    The values are stored exactly: quantize the model first (:func:`distill.compress.quantize_model` or a
+    ``GMMPrior``); a compressible weight with more than 65,535 distinct non-zero values, or one that would not get
+    smaller, is stored raw.
+
+    Args:
+        model: the network; it must be rebuildable from ``arch`` (default :func:`distill.arch.arch_spec`).
+        path: destination (parent folders are created).
+        compress: state-dict names to compress (default :func:`compressible_parameters`, i.e. Linear/Conv weights).
+        arch: architecture description overriding ``arch_spec(model)``.
+        meta: JSON-serialisable metadata stored in the header (e.g. bit widths, accuracy).
+        max_index_bits: widest relative index considered.
+
+    Returns:
+        The header that was written (with ``file_bytes`` added).
+
+    Raises:
+        KeyError: if a name in ``compress`` is not in the state dict.
+    """
+    state = model.state_dict()
+    names = set(compressible_parameters(model) if compress is None else compress)
+    missing = names - set(state)
+    if missing:
+        raise KeyError(f"compress names {sorted(missing)} are not in the model's state dict")
+    param_names = {n for n, _ in model.named_parameters()}
+    records: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    offset = 0
+    for name, t in state.items():
+        rec: dict[str, Any] = {
+            "name": name,
+            "shape": list(t.shape),
+            "dtype": _dtype_name(t.dtype),
+            "param": name in param_names,
+        }
+        raw = _raw_bytes(t)
+        data = raw
+        rec["encoding"] = RAW
+        if name in names and t.dtype == torch.float32:
+            enc = _encode_weight(t, max_index_bits)
+            if enc is not None and len(enc[1]) < len(raw):
+                rec.update(enc[0])
+                data = enc[1]
+        rec["offset"], rec["length"] = offset, len(data)
+        offset += len(data)
+        records.append(rec)
+        chunks.append(data)
+    header = {
+        "format": "distill-compressed",
+        "producer": f"distill {distill.__version__}",
+        "arch": dict(arch) if arch is not None else arch_spec(model),
+        "payload_bytes": offset,
+        "tensors": records,
+        "meta": dict(meta or {}),
+    }
+    hbytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes)) + hbytes + b"".join(chunks)
+    blob = body + _CRC.pack(zlib.crc32(body))
+    _atomic_write(Path(path), blob)
+    header["file_bytes"] = len(blob)
+    header["header_bytes"] = len(hbytes)
+    return header
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _parse(blob: bytes, source: str) -> tuple[dict[str, Any], memoryview]:
+    """Validate the container and return (header, payload)."""
+    if len(blob) < _PREFIX.size or blob[:8] != MAGIC:
+        if len(blob) < _PREFIX.size and MAGIC.startswith(blob[:8]) and blob:
+            raise CompressedFileError(f"{source}: truncated ({len(blob)} bytes, not even a complete preamble)")
+        raise CompressedFileError(
+            f"{source}: not a distill compressed file (expected magic {MAGIC!r}, found {blob[:8]!r})"
+        )
+    _, version, hlen = _PREFIX.unpack_from(blob)
+    if version != FORMAT_VERSION:
+        raise CompressedFileError(
+            f"{source}: format version {version} is not supported (this distill reads version {FORMAT_VERSION}); "
+            "upgrade distill to read it"
+        )
+    start = _PREFIX.size + hlen
+    header: dict[str, Any] | None = None
+    if start + _CRC.size <= len(blob):
+        try:
+            header = json.loads(bytes(blob[_PREFIX.size : start]).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    expected = start + int(header.get("payload_bytes", -1)) + _CRC.size if isinstance(header, dict) else None
+    if header is None and start + _CRC.size > len(blob) or (expected is not None and len(blob) < expected):
+        want = f"{expected} bytes" if expected is not None else f"at least {start + _CRC.size} bytes"
+        raise CompressedFileError(f"{source}: truncated file ({len(blob)} bytes, expected {want})")
+    (crc,) = _CRC.unpack_from(blob, len(blob) - _CRC.size)
+    if zlib.crc32(memoryview(blob)[: len(blob) - _CRC.size]) != crc:
+        raise CompressedFileError(f"{source}: corrupted file (CRC32 checksum mismatch)")
+    if not isinstance(header, dict) or header.get("format") != "distill-compressed" or expected != len(blob):
+        raise CompressedFileError(f"{source}: corrupted file (inconsistent header)")
+    return header, memoryview(blob)[start : len(blob) - _CRC.size]
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated JSON header of a compressed file (plus ``file_bytes``)."""
+    blob = _read(path)
+    header, _ = _parse(blob, str(path))
+    header["file_bytes"] = len(blob)
+    return header
+
+
+def _read(path: str | os.PathLike[str]) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"compressed model file not found: {p}")
+    return p.read_bytes()
+
+
+def _decode_record(rec: Mapping[str, Any], data: memoryview) -> torch.Tensor:
+    dtype = _DTYPES[rec["dtype"]]
+    shape = [int(s) for s in rec["shape"]]
+    numel = int(np.prod(shape)) if shape else 1
+    if rec["encoding"] == RAW:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if len(data) != numel * itemsize:
+            raise ValueError(f"raw tensor holds {len(data)} bytes, expected {numel * itemsize}")
+        if numel == 0:
+            return torch.zeros(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape).clone()
+    if rec["encoding"] != HUFFMAN_SPARSE or dtype != torch.float32:
+        raise ValueError(f"unknown encoding {rec['encoding']!r} for dtype {rec['dtype']}")
+    k, at = int(rec["codebook"]), 0
+    entries = int(rec["entries"])
+    if int(rec.get("sync_interval", huffman.SYNC_INTERVAL)) != huffman.SYNC_INTERVAL:
+        raise ValueError(f"sync interval {rec['sync_interval']} is not {huffman.SYNC_INTERVAL}")
+    code_sync = 4 * huffman.sync_count(entries, int(rec["code_bits"]))
+    gap_sync = 4 * huffman.sync_count(entries, int(rec["gap_bits"]))
+    parts = []
+    sizes = [4 * k, int(rec["code_table"]), int(rec["gap_table"]), code_sync, gap_sync]
+    for size in (*sizes, int(rec["code_bytes"]), int(rec["gap_bytes"])):
+        parts.append(bytes(data[at : at + size]))
+        at += size
+    if at != len(data):
+        raise ValueError(f"record holds {len(data)} bytes, its fields {at}")
+    codebook = np.concatenate([[0.0], np.frombuffer(parts[0], dtype="<f4")]).astype(np.float32)
+    code_lengths, gap_lengths = np.frombuffer(parts[1], np.uint8), np.frombuffer(parts[2], np.uint8)
+    codes = huffman.decode(code_lengths, parts[5], entries, int(rec["code_bits"]), np.frombuffer(parts[3], "<u4"))
+    gaps = huffman.decode(gap_lengths, parts[6], entries, int(rec["gap_bits"]), np.frombuffer(parts[4], "<u4"))
+    if gaps.size and gaps.max() >= (1 << int(rec["index_bits"])):
+        raise ValueError("a gap exceeds the index width")
+    positions = decode_positions(gaps)
+    if codes.size and (codes.max() > k or positions[-1] >= numel):
+        raise ValueError("codes or positions out of range")
+    flat = np.zeros(numel, dtype=np.float32)
+    flat[positions] = codebook[codes]
+    if int(np.count_nonzero(flat)) != int(rec["nonzero"]):
+        raise ValueError("decoded non-zero count differs from the header")
+    return torch.from_numpy(flat).reshape(shape)
+
+
+def load_compressed_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Decode every tensor of a compressed file.
+
+    Returns:
+        ``(state_dict, header)``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CompressedFileError: if the file is not a valid compressed model file.
+    """
+    blob = _read(path)
+    header, payload = _parse(blob, str(path))
+    header["file_bytes"] = len(blob)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for rec in header["tensors"]:
+            off, length = int(rec["offset"]), int(rec["length"])
+            if off < 0 or length < 0 or off + length > len(payload):
+                raise ValueError("record lies outside the payload")
+            state[str(rec["name"])] = _decode_record(rec, payload[off : off + length])
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise CompressedFileError(f"{path}: corrupted file (tensor {rec.get('name', '?')!r}: {err})") from err
+    return state, header
+
+
+def decode_into(module: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> nn.Module:
+    """Load a compressed file's tensors into an existing ``module`` (for models the file cannot rebuild).
+
+    Raises:
+        CompressedFileError: if the file is invalid.
+        RuntimeError: from ``load_state_dict`` if names or shapes do not match (with ``strict``).
+    """
+    state, _ = load_compressed_state_dict(path)
+    module.load_state_dict(state, strict=strict)
+    return module
+
+
+def load_compressed(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model stored in a compressed file (architecture from the header, tensors decoded), in eval mode.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CompressedFileError: if the file is invalid.
+        distill.arch.ArchitectureError: if the model class cannot be imported or rebuilt.
+    """
+    state, header = load_compressed_state_dict(path)
+    model = build_module(header["arch"])
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval()

@@ -1,0 +1,46 @@
+"""Which parameters are compressed: by default the ``weight`` of every ``nn.Linear`` and ``nn.Conv2d``.
+
+Biases and batch-norm parameters are few and sensitive; they stay float32 (as in Han et al., "Deep Compression",
+and Ullrich et al., "Soft Weight-Sharing for Neural Network Compression").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+__all__ = ["COMPRESSIBLE_TYPES", "compressible_parameters", "parameter_kinds"]
+
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+def compressible_parameters(
+    module: nn.Module, types: tuple[type[nn.Module], ...] = COMPRESSIBLE_TYPES
+) -> dict[str, nn.Parameter]:
+    """The weights compressed by default, by dotted name (as in ``module.named_parameters()``).
+
+    Args:
+        module: any module (a network, or a LightningModule holding one).
+        types: module types whose ``weight`` is compressed.
+
+    Returns:
+        ``{"fc1.weight": Parameter, ...}`` in registration order; shared parameters are listed once.
+    """
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for mname, m in module.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, types) and isinstance(w, nn.Parameter) and id(w) not in seen:
+            seen.add(id(w))
+            out[f"{mname}.weight" if mname else "weight"] = w
+    return out
+
+
+def parameter_kinds(module: nn.Module) -> dict[str, Literal["conv", "fc"]]:
+    """``"conv"`` or ``"fc"`` for each of :func:`compressible_parameters` (Han used 8 bits for conv, 5 for fc)."""
+    kinds: dict[str, Literal["conv", "fc"]] = {}
+    for mname, m in module.named_modules():
+        if isinstance(m, COMPRESSIBLE_TYPES):
+            kinds[f"{mname}.weight" if mname else "weight"] = "fc" if isinstance(m, nn.Linear) else "conv"
+    return kinds

@@ -1,0 +1,167 @@
+"""The final step of Deep Compression on one network: share, fine-tune, write, decode, evaluate, report.
+
+Used by :class:`distill.callbacks.PruneQuantize` at the end of training and by ``distill compress`` on a checkpoint.
+The accuracy reported as ``decoded`` is that of the model read back from the file, so it is the accuracy of what
+was written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.arch import ArchitectureError
+from distill.compress.fileformat import decode_into, load_compressed, save_compressed
+from distill.compress.quantize import finetune_centroids, quantize_model, shared_from_weights
+from distill.compress.report import compression_report, write_report
+
+__all__ = ["deep_compress", "evaluate_accuracy", "write_json"]
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    net: nn.Module,
+    loader: Iterable[Any],
+    device: torch.device | str | None = None,
+    transform: Callable[[Any], Any] | None = None,
+) -> float:
+    """Top-1 accuracy of ``net`` over ``(x, y)`` batches, in eval mode (the mode is restored afterwards).
+
+    ``transform`` is applied to each batch once on the device (e.g. a datamodule's ``on_after_batch_transfer``).
+    """
+    if device is None:
+        p = next(net.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    was_training = net.training
+    net.eval()
+    correct = total = 0
+    try:
+        for batch in _on_device(loader, device, transform):
+            x, y = batch[0], batch[1]
+            correct += int((net(x).argmax(-1) == y).sum())
+            total += int(y.numel())
+    finally:
+        net.train(was_training)
+    if total == 0:
+        raise ValueError("the evaluation loader yielded no samples")
+    return correct / total
+
+
+def _on_device(
+    loader: Iterable[Any], device: torch.device | str, transform: Callable[[Any], Any] | None
+) -> Iterator[Any]:
+    for batch in loader:
+        batch = (batch[0].to(device), batch[1].to(device))
+        yield transform(batch) if transform is not None else batch
+
+
+class _Reiterable:
+    """A loader moved to the device and transformed, iterable once per epoch."""
+
+    def __init__(self, loader: Iterable[Any], device: torch.device, transform: Callable[[Any], Any] | None) -> None:
+        self.loader, self.device, self.transform = loader, device, transform
+
+    def __iter__(self) -> Iterator[Any]:
+        return _on_device(self.loader, self.device, self.transform)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as JSON atomically (temp file + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, p)
+    return p
+
+
+def deep_compress(
+    net: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    bits_conv: int = 8,
+    bits_fc: int = 5,
+    quality: float | None = None,
+    sparsity: float | None = None,
+    already_shared: bool = False,
+    finetune_loader: Iterable[Any] | None = None,
+    finetune_epochs: int = 0,
+    finetune_lr: float = 1e-4,
+    finetune_batches: int | None = None,
+    test_loader: Iterable[Any] | None = None,
+    report_dir: str | os.PathLike[str] | None = None,
+    meta: dict[str, Any] | None = None,
+    batch_transform: Callable[[Any], Any] | None = None,
+) -> dict[str, Any]:
+    """Quantize ``net`` in place, write it to ``path``, read it back, and report sizes and accuracies.
+
+    Args:
+        net: the network (rebuildable by :func:`distill.arch.build_module`, else decoded into a copy).
+        path: the compressed file.
+        bits_conv: k-means code bits of convolutions.
+        bits_fc: k-means code bits of dense layers.
+        quality: prune ``|w| < quality * std`` before sharing (None: keep the zeros already there).
+        sparsity: or prune to this fraction of zeros.
+        already_shared: the weights are already quantized (e.g. by ``GMMPrior.quantize``): use their distinct values
+            as the codebooks instead of k-means.
+        finetune_loader: training batches for centroid fine-tuning (with ``finetune_epochs > 0``).
+        finetune_epochs: epochs of trained quantization.
+        finetune_lr: SGD learning rate of the centroids.
+        finetune_batches: limit on batches per fine-tuning epoch.
+        test_loader: test batches; accuracies are ``None`` without it.
+        report_dir: where ``compression_report.json``/``.md`` and ``accuracy.json`` go (default: the file's folder).
+        meta: extra metadata for the file header.
+        batch_transform: applied to every batch on the device (e.g. normalisation in ``on_after_batch_transfer``).
+
+    Returns:
+        ``{"accuracy": {"before", "quantized", "decoded"}, "report": ..., "paths": {...}}``.
+
+    Raises:
+        RuntimeError: if the decoded weights differ from the in-memory quantized ones (never expected).
+    """
+    p = next(net.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+
+    def test_accuracy(model: nn.Module) -> float | None:
+        if test_loader is None:
+            return None
+        return evaluate_accuracy(model, test_loader, device, batch_transform)
+
+    before = test_accuracy(net)
+    if already_shared:
+        shared = shared_from_weights(net, strict=False)  # a weight the prior did not quantize is stored raw
+    else:
+        shared = quantize_model(net, bits_conv=bits_conv, bits_fc=bits_fc, quality=quality, sparsity=sparsity)
+    if finetune_epochs > 0 and finetune_loader is not None:
+        batches = _Reiterable(finetune_loader, device, batch_transform)
+        finetune_centroids(net, shared, batches, finetune_epochs, finetune_lr, max_batches=finetune_batches)
+    quantized = test_accuracy(net)
+    info: dict[str, Any] = {"bits_conv": bits_conv, "bits_fc": bits_fc, "quality": quality, "sparsity": sparsity}
+    info["codebooks"] = "given" if already_shared else "kmeans"
+    save_compressed(net, path, meta={**info, **(meta or {})})
+    try:
+        decoded_net = load_compressed(path)
+    except ArchitectureError:
+        decoded_net = decode_into(copy.deepcopy(net).cpu(), path)
+    mine = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    for k, v in decoded_net.state_dict().items():
+        if not torch.equal(v, mine[k]):
+            raise RuntimeError(f"decoded tensor {k} differs from the in-memory model; the file is not trustworthy")
+    decoded = test_accuracy(decoded_net.to(device))
+    report = compression_report(path)
+    folder = Path(report_dir) if report_dir is not None else Path(path).parent
+    paths = {"compressed model": Path(path)}
+    written = write_report(report, folder)
+    paths["compression report"] = written["md"]
+    accuracy = {"before": before, "quantized": quantized, "decoded": decoded}
+    paths["accuracy"] = write_json(folder / "accuracy.json", accuracy)
+    return {"accuracy": accuracy, "report": report, "paths": paths}

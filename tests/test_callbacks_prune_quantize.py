@@ -1,0 +1,173 @@
+"""PruneQuantize in a plain LightningModule, trained quantization, and the distill compress/evaluate commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.callbacks import MagnitudePruning, PruneQuantize
+from distill.compress import SharedWeights, finetune_centroids, load_compressed, read_header
+from distill.compress.cli import compress_main, evaluate_main
+from distill.data import DigitsDataModule
+from models import MLP
+
+
+class PlainDigits(pl.LightningModule):
+    """A plain module holding a zoo network as ``model``; knows nothing about compression."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = MLP(64, (48,), 10)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def test_prune_quantize_writes_the_file_reports_and_decoded_accuracy(
+    trainer_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    pq = PruneQuantize(bits_fc=4, finetune_epochs=1, finetune_batches=3)
+    module = PlainDigits()
+    trainer = pl.Trainer(**{**trainer_kwargs, "max_epochs": 4}, callbacks=[MagnitudePruning(quality=0.8), pq])
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"model.dstl", "compression_report.json", "compression_report.md", "accuracy.json"} <= files
+    acc = json.loads((tmp_path / "accuracy.json").read_text())
+    assert acc["before"] > 0.8 and acc["decoded"] == acc["quantized"] and acc["decoded"] > 0.7
+    loaded = load_compressed(tmp_path / "model.dstl")
+    for k, v in module.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.cpu())
+    report = json.loads((tmp_path / "compression_report.json").read_text())
+    assert [r["name"] for r in report["layers"]] == ["fc1.weight", "fc2.weight"]
+    assert all(r["sparsity"] > 0.3 for r in report["layers"])  # the pruning masks survived quantization
+    assert report["totals"]["file_bytes"] == (tmp_path / "model.dstl").stat().st_size
+    assert read_header(tmp_path / "model.dstl")["meta"]["bits_fc"] == 4
+    for name in ("fc1.weight", "fc2.weight"):
+        assert torch.unique(module.model.get_parameter(name)).numel() <= 2**4  # 15 shared values + zero
+    assert pq.output_paths()["compressed model"] == str(tmp_path / "model.dstl")
+
+
+class GMMPrior(pl.Callback):
+    """Stand-in for the soft weight-sharing callback (issue 4): quantize() snaps weights to a grid with zero."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def quantize(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        grid = torch.tensor([-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3])  # includes the exact zero component
+        with torch.no_grad():
+            for p in (pl_module.model.fc1.weight, pl_module.model.fc2.weight):
+                p.copy_(grid[(p.unsqueeze(-1) - grid).abs().argmin(-1)])
+        return {"*": grid}
+
+
+def test_prune_quantize_uses_a_gmm_prior_codebook(trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:
+    gmm = GMMPrior()
+    module = PlainDigits()
+    trainer = pl.Trainer(
+        **{**trainer_kwargs, "max_epochs": 1, "limit_train_batches": 2}, callbacks=[gmm, PruneQuantize()]
+    )
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert gmm.calls == 1
+    header = read_header(tmp_path / "model.dstl")
+    assert header["meta"]["codebook_source"] == "GMMPrior"
+    assert all(r["codebook"] <= 6 for r in header["tensors"] if r["encoding"] == "huffman-sparse")
+    grid = torch.tensor([-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3])
+    w = load_compressed(tmp_path / "model.dstl").fc1.weight
+    assert torch.isin(w, grid).all()
+
+
+def test_prune_quantize_without_test_data_skips_accuracy(trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:
+    from tests.conftest import random_loader
+
+    pq = PruneQuantize(quality=1.0)
+    trainer = pl.Trainer(**{**trainer_kwargs, "limit_train_batches": 1}, callbacks=[pq])
+    trainer.fit(PlainDigits(), random_loader(32, (1, 8, 8), 10, 16))
+    assert json.loads((tmp_path / "accuracy.json").read_text()) == {"before": None, "quantized": None, "decoded": None}
+    assert "no datamodule" in (pq.note or "")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bits_conv": 0}, "bits must be an integer in 1..16, got 0"),
+        ({"bits_fc": 17}, "bits must be an integer in 1..16, got 17"),
+        ({"quality": 1.0, "sparsity": 0.5}, "not both"),
+        ({"sparsity": 2.0}, r"sparsity must be in \[0, 1\]"),
+        ({"finetune_epochs": -1}, "finetune_epochs must be >= 0"),
+    ],
+)
+def test_prune_quantize_misconfiguration(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PruneQuantize(**kwargs)
+
+
+def test_trained_quantization_gradient_is_sum_over_members() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 3))
+    labels = torch.randint(0, 4, (3, 6))  # 0 = pruned
+    codebook = torch.tensor([0.0, -0.5, 0.1, 0.7])
+    with torch.no_grad():
+        net[0].weight.copy_(codebook[labels])
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    dense = net[0].weight.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(F.linear(x, dense, net[0].bias), y)
+    (grad,) = torch.autograd.grad(loss, dense)
+    lr = 0.3
+    out = finetune_centroids(net, {"0.weight": SharedWeights(codebook, labels)}, [(x, y)], epochs=1, lr=lr)
+    for k in (1, 2, 3):
+        expected = codebook[k] - lr * grad[labels == k].sum()
+        assert out["0.weight"].codebook[k].item() == pytest.approx(expected.item(), abs=1e-6)
+    w = net[0].weight.detach()
+    assert torch.equal(w, out["0.weight"].codebook[labels]) and not w[labels == 0].any()
+
+
+@pytest.fixture
+def digits_checkpoint(trainer_kwargs: dict[str, Any], tmp_path: Path) -> Path:
+    from distill.modules import Classifier
+
+    module = Classifier(MLP(64, (32,), 10))
+    trainer = pl.Trainer(**{**trainer_kwargs, "max_epochs": 3})
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_compress_and_evaluate_commands(digits_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out" / "m.dstl"
+    assert compress_main([str(tmp_path / "run"), "--out", str(out), "--quality", "0.5", "--data", "digits"]) == 0
+    printed = capsys.readouterr().out
+    assert "compression rate" in printed and "decoded" in printed
+    assert (tmp_path / "out" / "compression_report.md").is_file()
+    assert evaluate_main([str(out), "--data", "digits"]) == 0
+    acc_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test accuracy")][0]
+    decoded = json.loads((tmp_path / "out" / "accuracy.json").read_text())["decoded"]
+    assert f"{decoded:.4f}" in acc_line
+
+
+def test_commands_reject_bad_paths(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert compress_main([str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "m.dstl")]) == 2
+    assert "checkpoint or run folder not found" in capsys.readouterr().err
+    assert compress_main([str(tmp_path), "--out", str(tmp_path / "m.dstl")]) == 2
+    assert "no last.ckpt under run folder" in capsys.readouterr().err
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    assert compress_main([str(junk), "--out", str(tmp_path / "m.dstl")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert evaluate_main([str(junk), "--data", "digits"]) == 2
+    assert "not a distill compressed file" in capsys.readouterr().err
+    assert evaluate_main([str(tmp_path / "missing.dstl"), "--data", "digits"]) == 2
+    assert "not found" in capsys.readouterr().err
