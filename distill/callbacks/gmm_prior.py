@@ -45,6 +45,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from typing_extensions import override
 
+from distill.compress.params import compressible_parameters
 from distill.priors import (
     GaussianMixturePrior,
     MixtureTable,
@@ -209,13 +210,7 @@ class GMMPrior(Callback):
 
         Override in a subclass to choose others (biases and normalisation layers stay full precision by default).
         """
-        out: dict[str, nn.Parameter] = {}
-        for mod_name, mod in pl_module.named_modules():
-            if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.weight.requires_grad:
-                weight = mod.weight
-                assert isinstance(weight, nn.Parameter)
-                out[f"{mod_name}.weight" if mod_name else "weight"] = weight
-        return out
+        return {name: p for name, p in compressible_parameters(pl_module).items() if p.requires_grad}
 
     def current_tau(self, epoch: int) -> float:
         """``tau`` at ``epoch`` (the function or value, times the warm-up ramp)."""

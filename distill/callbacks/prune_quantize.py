@@ -20,6 +20,7 @@ from pytorch_lightning.trainer.states import RunningStage
 from torch import nn
 from typing_extensions import override
 
+from distill.callbacks.gmm_prior import GMMPrior
 from distill.callbacks.pruning import run_folder
 from distill.compress.kmeans import clusters_for_bits
 from distill.compress.pipeline import deep_compress
@@ -27,14 +28,9 @@ from distill.compress.pipeline import deep_compress
 __all__ = ["PruneQuantize"]
 
 
-def _find_gmm_prior(trainer: pl.Trainer) -> Any | None:
-    try:
-        from distill.callbacks.gmm_prior import GMMPrior  # written alongside (issue 4); optional here
-    except ImportError:
-        GMMPrior = None  # noqa: N806
+def _find_gmm_prior(trainer: pl.Trainer) -> GMMPrior | None:
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
-        is_gmm = (GMMPrior is not None and isinstance(cb, GMMPrior)) or type(cb).__name__ == "GMMPrior"
-        if is_gmm and callable(getattr(cb, "quantize", None)):
+        if isinstance(cb, GMMPrior):
             return cb
     return None
 
