@@ -68,8 +68,15 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int) -> Any:
                 return
 
 
-def hand_loop(kind: str, student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, args: Any,
-              layers: tuple[str, ...]) -> float:
+def hand_loop(
+    kind: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    args: Any,
+    layers: tuple[str, ...],
+) -> float:
     """Samples/s of a minimal PyTorch loop doing the same work as the matching Distiller mode."""
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     student.train()
@@ -129,7 +136,9 @@ class _Timer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_loop(module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, args: Any) -> float:
+def lightning_loop(
+    module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, args: Any, extra_callbacks: tuple[pl.Callback, ...] = ()
+) -> float:
     """Samples/s of ``module`` in a Trainer: default logger off, no progress bar, no validation."""
     loader = torch.utils.data.DataLoader(
         TensorBatchDataset(x, y), batch_size=args.batch, shuffle=True, drop_last=True, collate_fn=lambda b: b
@@ -144,7 +153,7 @@ def lightning_loop(module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, *extra_callbacks],
     )
     trainer.fit(module, loader)
     return args.steps * args.batch / (timer.end - timer.start)
@@ -154,8 +163,15 @@ def _adam(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
 
-def compare(name: str, net: Callable[[], nn.Module], kind: str, layers: tuple[str, ...], x: torch.Tensor,
-            y: torch.Tensor, args: Any) -> dict[str, float]:
+def compare(
+    name: str,
+    net: Callable[[], nn.Module],
+    kind: str,
+    layers: tuple[str, ...],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    args: Any,
+) -> dict[str, float]:
     teacher = net()
     hand, lit = [], []
     for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit both sides
@@ -167,13 +183,22 @@ def compare(name: str, net: Callable[[], nn.Module], kind: str, layers: tuple[st
             module = Distiller(net(), teacher, optimizer=_adam, temperature=T)
         else:
             schedule = "joint" if kind == "hint" else "independent"
-            module = Distiller(net(), teacher, optimizer=_adam, mode="layerwise", layerwise_schedule=schedule,
-                               layers={p: p for p in layers})
+            module = Distiller(
+                net(),
+                teacher,
+                optimizer=_adam,
+                mode="layerwise",
+                layerwise_schedule=schedule,
+                layers={p: p for p in layers},
+            )
         lit.append(lightning_loop(module, x, y, args))
     h, m = statistics.median(hand), statistics.median(lit)
     row = {"hand_samples_s": h, "lightning_samples_s": m, "ratio": m / h}
-    print(f"{name:<28} {kind:<6} hand {h:9.0f}/s   {'Classifier' if kind == 'plain' else 'Distiller':<10} "
-          f"{m:9.0f}/s   ratio {m / h:5.3f}", flush=True)
+    print(
+        f"{name:<28} {kind:<6} hand {h:9.0f}/s   {'Classifier' if kind == 'plain' else 'Distiller':<10} "
+        f"{m:9.0f}/s   ratio {m / h:5.3f}",
+        flush=True,
+    )
     return row
 
 
@@ -194,8 +219,10 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     x, y, _ = _data(args.synthetic)
-    print(f"torch {torch.__version__}, lightning {pl.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch}, {args.steps} steps after {args.warmup} warm-up, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, lightning {pl.__version__}, threads {torch.get_num_threads()}, "
+        f"batch {args.batch}, {args.steps} steps after {args.warmup} warm-up, median of {args.repeats}"
+    )
     kinds = args.only or ["plain", "kd", "hint", "indep"]
     results: dict[str, Any] = {}
     for kind in kinds:

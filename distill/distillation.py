@@ -351,7 +351,9 @@ class Distiller(pl.LightningModule):
                     "layers: {student_path: teacher_path}"
                 )
         if not isinstance(layers, Mapping) or not layers:
-            raise LayerMappingError(f"layers must be a non-empty mapping {{student_path: teacher_path}}, got {layers!r}")
+            raise LayerMappingError(
+                f"layers must be a non-empty mapping {{student_path: teacher_path}}, got {layers!r}"
+            )
         for s_path, t_path in layers.items():  # paths first: the error lists the valid ones
             get_module(student, s_path, "student")
             get_module(teacher, t_path, "teacher")
@@ -575,7 +577,7 @@ class Distiller(pl.LightningModule):
         if trainer is None:
             return False
         should = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True)
-        return bool(should) or bool(trainer.fast_dev_run)
+        return bool(should) or bool(getattr(trainer, "fast_dev_run", False))
 
     def _eval_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], split: str, metric: MulticlassAccuracy, teacher_metric: Any

@@ -52,7 +52,10 @@ def _write_teacher_ckpt(net: nn.Module, path: Path) -> Path:
     """A Classifier-style checkpoint as `distill fit` writes it (hyper_parameters.model + state_dict model.*)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
-        {"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}, "hyper_parameters": {"model": arch_spec(net)}},
+        {
+            "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()},
+            "hyper_parameters": {"model": arch_spec(net)},
+        },
         path,
     )
     return path
@@ -89,7 +92,9 @@ def test_end_to_end_student_approaches_teacher(loss: str, alpha: float, trainer_
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert not opt_params & {id(p) for p in teacher.parameters()}
     assert all(not k.startswith("teacher") for k in distiller.state_dict())
-    expected = {"train/loss", "train/distill_loss", "val/acc", "val/teacher_acc"} | ({"train/ce_loss"} if alpha else set())
+    expected = {"train/loss", "train/distill_loss", "val/acc", "val/teacher_acc"} | (
+        {"train/ce_loss"} if alpha else set()
+    )
     assert expected <= set(trainer.callback_metrics)
 
 
@@ -122,7 +127,7 @@ def test_teacher_follows_dtype_moves() -> None:
 def test_init_from_teacher() -> None:
     teacher = _tiny_teacher()
     distiller = Distiller(MLP(64, (32, 16), 10), teacher, init_from_teacher=True)
-    for (k, v), w in zip(distiller.student.state_dict().items(), teacher.state_dict().values()):
+    for (k, v), w in zip(distiller.student.state_dict().items(), teacher.state_dict().values(), strict=True):
         torch.testing.assert_close(v, w, msg=k)
     with pytest.raises(ValueError, match="init_from_teacher=True needs a student with the teacher's architecture"):
         Distiller(MLP(64, (8,), 10), teacher, init_from_teacher=True)
@@ -149,7 +154,9 @@ def test_bad_arguments() -> None:
 
 def test_missing_teacher_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # no runs/ here: the checkpoint is missing for sure
-    with pytest.raises(TeacherNotFoundError, match=r"does not exist.*distill fit -c \S*configs/quickstart/teacher.yaml"):
+    with pytest.raises(
+        TeacherNotFoundError, match=r"does not exist.*distill fit -c \S*configs/quickstart/teacher.yaml"
+    ):
         Distiller(MLP(64, (8,), 10), "runs/quickstart_teacher/checkpoints/last.ckpt")
     with pytest.raises(TeacherNotFoundError, match="Train a teacher first"):
         Distiller(MLP(64, (8,), 10), "elsewhere/last.ckpt")
@@ -195,8 +202,12 @@ def test_resume_from_checkpoint(tmp_path: Path, trainer_kwargs: dict[str, Any]) 
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     kw = {**trainer_kwargs, "enable_checkpointing": True}
     make = lambda: Distiller(  # noqa: E731
-        MLP(64, (32, 16), 10), str(teacher_path), mode="layerwise", layerwise_schedule="progressive",
-        layers={"fc1": "fc1", "fc2": "fc2"}, stage_epochs=1,
+        MLP(64, (32, 16), 10),
+        str(teacher_path),
+        mode="layerwise",
+        layerwise_schedule="progressive",
+        layers={"fc1": "fc1", "fc2": "fc2"},
+        stage_epochs=1,
     )
     pl.Trainer(**{**kw, "max_epochs": 1, "callbacks": [ckpt_cb]}).fit(make(), _loader(64))
     resumed = make()
@@ -217,9 +228,11 @@ def _layer_mse(distiller: Distiller, x: torch.Tensor) -> dict[str, float]:
     t_paths = [t for _, t in distiller.pairs]
     s_paths = [s for s, _ in distiller.pairs]
     out = {}
-    with torch.no_grad(), FeatureCapture(distiller.teacher, t_paths, inputs=True) as tc, FeatureCapture(
-        distiller.student, s_paths
-    ) as sc:
+    with (
+        torch.no_grad(),
+        FeatureCapture(distiller.teacher, t_paths, inputs=True) as tc,
+        FeatureCapture(distiller.student, s_paths) as sc,
+    ):
         distiller.teacher(x)
         distiller.student(x)
         for s, t in distiller.pairs:
@@ -245,8 +258,13 @@ def test_layerwise_lowers_every_mapped_layer(
     torch.manual_seed(5)
     layers = {"fc1": "fc1", "fc2": "fc2", "fc3": "fc3"}
     distiller = Distiller(
-        MLP(64, hidden, 10, input_shape=(1, 8, 8)), teacher, optimizer=_adam, mode="layerwise",
-        layers=layers, layerwise_schedule=schedule, stage_epochs=2,  # type: ignore[arg-type]
+        MLP(64, hidden, 10, input_shape=(1, 8, 8)),
+        teacher,
+        optimizer=_adam,
+        mode="layerwise",
+        layers=layers,
+        layerwise_schedule=schedule,
+        stage_epochs=2,  # type: ignore[arg-type]
     )
     assert bool(len(distiller.adapters)) == (hidden != (32, 16))
     x = next(iter(_loader(128, 128)))[0]
@@ -267,8 +285,13 @@ def test_layerwise_lowers_every_mapped_layer(
 def test_progressive_freezes_earlier_layers(trainer_kwargs: dict[str, Any]) -> None:
     teacher = _tiny_teacher()
     distiller = Distiller(
-        MLP(64, (32, 16), 10), teacher, optimizer=_adam, mode="layerwise", layerwise_schedule="progressive",
-        layers={"fc1": "fc1", "fc2": "fc2"}, stage_epochs=[1, 2],
+        MLP(64, (32, 16), 10),
+        teacher,
+        optimizer=_adam,
+        mode="layerwise",
+        layerwise_schedule="progressive",
+        layers={"fc1": "fc1", "fc2": "fc2"},
+        stage_epochs=[1, 2],
     )
     assert [distiller.stage_at(e) for e in range(5)] == [0, 1, 1, 2, 2]
     snapshots: dict[int, dict[str, torch.Tensor]] = {}

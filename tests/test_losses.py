@@ -19,24 +19,26 @@ def _softmax(row: list[float], t: float) -> list[float]:
 
 def _ref_softmax_mse(s: torch.Tensor, t: torch.Tensor, temp: float) -> float:
     total = 0.0
-    for sr, tr in zip(s.tolist(), t.tolist()):
+    for sr, tr in zip(s.tolist(), t.tolist(), strict=True):
         ps, pt = _softmax(sr, temp), _softmax(tr, temp)
-        total += sum((a - b) ** 2 for a, b in zip(ps, pt))
+        total += sum((a - b) ** 2 for a, b in zip(ps, pt, strict=True))
     return total / len(s)
 
 
 def _ref_kd(s: torch.Tensor, t: torch.Tensor, temp: float) -> float:
     total = 0.0
-    for sr, tr in zip(s.tolist(), t.tolist()):
+    for sr, tr in zip(s.tolist(), t.tolist(), strict=True):
         ps, pt = _softmax(sr, temp), _softmax(tr, temp)
-        total += sum(b * (math.log(b) - math.log(a)) for a, b in zip(ps, pt))
+        total += sum(b * (math.log(b) - math.log(a)) for a, b in zip(ps, pt, strict=True))
     return temp**2 * total / len(s)
 
 
 @pytest.fixture
 def logits() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
-    return torch.randn(7, 5, generator=g, dtype=torch.float64) * 3, torch.randn(7, 5, generator=g, dtype=torch.float64) * 3
+    return torch.randn(7, 5, generator=g, dtype=torch.float64) * 3, torch.randn(
+        7, 5, generator=g, dtype=torch.float64
+    ) * 3
 
 
 @pytest.mark.parametrize("temp", [1.0, 2.5, 20.0])
@@ -78,8 +80,11 @@ def test_losses_vanish_on_equal_logits(logits: tuple[torch.Tensor, torch.Tensor]
 
 def test_feature_mse_matches_reference() -> None:
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64)
-    ref = sum((x - y) ** 2 for x, y in zip(a.flatten().tolist(), b.flatten().tolist())) / a.numel()
+    a, b = (
+        torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64),
+    )
+    ref = sum((x - y) ** 2 for x, y in zip(a.flatten().tolist(), b.flatten().tolist(), strict=True)) / a.numel()
     assert feature_mse(a, b).item() == pytest.approx(ref, rel=1e-12)
 
 
