@@ -419,6 +419,14 @@ class Distiller(pl.LightningModule):
             teacher._apply(fn, recurse)  # follow .to(device) / .half() with the rest of the module
         return self
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets ``_current_fx_name`` twice around every hook call (~40 times a step); nn.Module.__setattr__
+        # scans its parameter/buffer/module dicts each time. For this plain string the result is the same.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
     @override
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
