@@ -383,3 +383,10 @@ def test_quickstart_cli_teacher_then_student(tmp_path: Path, monkeypatch: pytest
     last = tmp_path / "runs/quickstart_student/checkpoints/last.ckpt"
     student = load_student(last)
     assert isinstance(student, MLP) and student.init_args["hidden_sizes"] == [64, 32]
+
+
+def test_lenet5_teacher_config_parses() -> None:
+    from distill.cli import DistillCLI
+
+    cli = DistillCLI(args=["-c", str(CONFIGS / "mnist/lenet5_caffe_teacher.yaml")], run=False)
+    assert isinstance(cli.model, Classifier) and isinstance(cli.model.model, LeNet5Caffe)
