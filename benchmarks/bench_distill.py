@@ -137,7 +137,11 @@ class _Timer(pl.Callback):
 
 
 def lightning_loop(
-    module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, args: Any, extra_callbacks: tuple[pl.Callback, ...] = ()
+    module: pl.LightningModule,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    args: Any,
+    extra_callbacks: tuple[pl.Callback, ...] = (),
 ) -> float:
     """Samples/s of ``module`` in a Trainer: default logger off, no progress bar, no validation."""
     loader = torch.utils.data.DataLoader(

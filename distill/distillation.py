@@ -46,6 +46,14 @@ from typing_extensions import override
 from distill.arch import arch_spec, build_module
 from distill.hooks import FeatureCapture, get_module
 from distill.losses import feature_mse, kd_kl, softmax_mse, weighted_distillation
+from distill.module_utils import (
+    FastSetattrMixin,
+    as_module,
+    configure_optimizers,
+    save_arch_hparams,
+    save_hparams,
+    should_log_step,
+)
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
@@ -197,7 +205,7 @@ def _adapter_key(student_path: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class Distiller(pl.LightningModule):
+class Distiller(FastSetattrMixin, pl.LightningModule):
     """Train a student network to mimic a frozen teacher.
 
     Logs ``train/loss`` (the optimised total), ``train/distill_loss``, ``train/ce_loss`` (when ``alpha > 0``),
@@ -266,8 +274,6 @@ class Distiller(pl.LightningModule):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-
-        from distill.modules import as_module, save_arch_hparams, save_hparams  # modules re-exports this class
 
         save_hparams(self, ignore=["optimizer", "lr_scheduler"])
         self.student = as_module(student, "student")
@@ -419,14 +425,6 @@ class Distiller(pl.LightningModule):
             teacher._apply(fn, recurse)  # follow .to(device) / .half() with the rest of the module
         return self
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets ``_current_fx_name`` twice around every hook call (~40 times a step); nn.Module.__setattr__
-        # scans its parameter/buffer/module dicts each time. For this plain string the result is the same.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-            return
-        super().__setattr__(name, value)
-
     @override
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
@@ -563,7 +561,7 @@ class Distiller(pl.LightningModule):
     ) -> torch.Tensor:
         ce = F.cross_entropy(s_logits, y) if (self.alpha > 0 and s_logits is not None) else None
         loss = weighted_distillation(distill, ce, self.alpha)
-        if self._log_this_step():
+        if should_log_step(self):
             # Step values, as the logger receives them; tensors, so no .item() synchronisation.
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/distill_loss", distill)
@@ -572,20 +570,6 @@ class Distiller(pl.LightningModule):
             for s_path, value in per_layer.items():
                 self.log(f"train/feature_loss/{s_path}", value)
         return loss
-
-    def _log_this_step(self) -> bool:
-        """Whether the logger writes this step's metrics (every ``log_every_n_steps``).
-
-        Training metrics are logged per step (``on_step=True, on_epoch=False``, Lightning's default in
-        ``training_step``), so only the steps the logger writes matter; skipping ``self.log`` on the others removes
-        most of Lightning's per-step overhead (each call costs tens of microseconds, as much as a small network's
-        forward). Lightning's own LearningRateMonitor and ThroughputMonitor use the same test.
-        """
-        trainer = self._trainer
-        if trainer is None:
-            return False
-        should = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True)
-        return bool(should) or bool(getattr(trainer, "fast_dev_run", False))
 
     def _eval_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], split: str, metric: MulticlassAccuracy, teacher_metric: Any
@@ -633,7 +617,6 @@ class Distiller(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        from distill.modules import configure_optimizers
 
         params = [*self.student.parameters(), *self.adapters.parameters()]
         return configure_optimizers(self, params, self.optimizer, self.lr_scheduler)

@@ -6,9 +6,6 @@ Every module takes its network as a constructor argument (``model: nn.Module``),
 
 from __future__ import annotations
 
-import inspect
-import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -18,11 +15,19 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from distill.arch import arch_spec, build_module
+from distill.module_utils import (
+    FastSetattrMixin,
+    as_module,
+    configure_optimizers,
+    save_arch_hparams,
+    save_hparams,
+    should_log_step,
+)
 
 __all__ = [
     "Classifier",
     "Distiller",
+    "FastSetattrMixin",
     "as_module",
     "configure_optimizers",
     "save_arch_hparams",
@@ -31,68 +36,7 @@ __all__ = [
 ]
 
 
-def as_module(model: nn.Module | Mapping[str, Any], argument: str = "model") -> nn.Module:
-    """Accept a module or its ``{"class_path", "init_args"}`` description (as stored in checkpoints)."""
-    if isinstance(model, nn.Module):
-        return model
-    if isinstance(model, Mapping):
-        return build_module(model)
-    raise TypeError(f"{argument} must be an nn.Module or a class_path/init_args mapping, got {type(model).__name__}")
-
-
-def configure_optimizers(
-    module: pl.LightningModule,
-    params: Any,
-    optimizer: OptimizerCallable,
-    lr_scheduler: LRSchedulerCallable | None,
-    monitor: str = "val/loss",
-) -> Any:
-    """Build the injected optimizer (and scheduler) over ``params``, in Lightning's return format."""
-    opt = optimizer(params)
-    if lr_scheduler is None:
-        return opt
-    sched = lr_scheduler(opt)
-    config: dict[str, Any] = {"scheduler": sched, "interval": "epoch"}
-    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        config["monitor"] = monitor
-    return {"optimizer": opt, "lr_scheduler": config}
-
-
-def should_log_step(module: pl.LightningModule) -> bool:
-    """Whether this training step's scalars would reach the logger (every ``log_every_n_steps``).
-
-    ``self.log`` costs about as much as a LeNet-300-100 step on a CPU, so per-step scalars are only logged on the
-    steps where Lightning writes them anyway.
-    """
-    trainer = module._trainer
-    if trainer is None:
-        return True
-    connector = getattr(trainer, "_logger_connector", None)  # Lightning's own rule, so the two never disagree
-    return bool(connector is None or connector.should_update_logs or getattr(trainer, "fast_dev_run", False))
-
-
-def save_hparams(module: pl.LightningModule, ignore: list[str]) -> None:
-    """``save_hyperparameters`` of the caller's arguments, without Lightning's warning about module arguments.
-
-    Modules are not pickled: :func:`save_arch_hparams` replaces them by their class_path/init_args.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-        module.save_hyperparameters(ignore=ignore, frame=inspect.currentframe().f_back)  # type: ignore[union-attr]
-
-
-def save_arch_hparams(module: pl.LightningModule, **networks: nn.Module) -> None:
-    """Store networks in ``hparams`` as class_path/init_args, never as pickled modules.
-
-    Under LightningCLI ``hparams`` already holds the YAML's description; otherwise it holds the module object,
-    which is replaced by :func:`distill.arch.arch_spec`.
-    """
-    for name, net in networks.items():
-        if not isinstance(module.hparams.get(name), Mapping):
-            module.hparams[name] = arch_spec(net)
-
-
-class Classifier(pl.LightningModule):
+class Classifier(FastSetattrMixin, pl.LightningModule):
     """Train any network on labels with cross-entropy (the teacher, or a student's label-only baseline).
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.

@@ -37,7 +37,7 @@ def test_classifier_learns_and_checkpoint_round_trips(tmp_path: Path, trainer_kw
 
 
 def test_classifier_logs_namespaced_metrics(trainer_kwargs: dict[str, Any]) -> None:
-    trainer_kwargs.update(limit_train_batches=2, limit_val_batches=1)
+    trainer_kwargs.update(limit_train_batches=2, limit_val_batches=1, log_every_n_steps=1)
     trainer = pl.Trainer(**trainer_kwargs)
     trainer.fit(Classifier(MLP(64, (16,), 10)), DigitsDataModule(batch_size=32))
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
