@@ -126,6 +126,12 @@ class PruneQuantize(Callback):
             return None
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        gmm = _find_gmm_prior(trainer) if self.use_gmm_prior else None
+        if gmm is not None:  # this callback quantizes with the prior itself, after measuring the trained accuracy
+            gmm.quantize_on_end = False
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.compress(trainer, pl_module)
@@ -134,8 +140,6 @@ class PruneQuantize(Callback):
         """Run the compression now (also usable outside ``on_train_end``)."""
         net = self.network(pl_module)
         gmm = _find_gmm_prior(trainer) if self.use_gmm_prior else None
-        if gmm is not None:
-            gmm.quantize(pl_module)  # sets every weight to its component's mean, zero component -> 0
         folder = run_folder(trainer)
         path = Path(self.filename) if Path(self.filename).is_absolute() else folder / self.filename
         test_loader = self._loader(trainer, "test") if self.evaluate else None
@@ -162,7 +166,8 @@ class PruneQuantize(Callback):
             bits_fc=self.bits_fc,
             quality=self.quality,
             sparsity=self.sparsity,
-            already_shared=gmm is not None,
+            # after the "before" accuracy: every weight to its component's mean, the zero component's to 0
+            share=(lambda: gmm.quantize(pl_module)) if gmm is not None else None,
             finetune_loader=train_loader,
             finetune_epochs=self.finetune_epochs,
             finetune_lr=self.finetune_lr,

@@ -93,6 +93,7 @@ def deep_compress(
     quality: float | None = None,
     sparsity: float | None = None,
     already_shared: bool = False,
+    share: Callable[[], object] | None = None,
     finetune_loader: Iterable[Any] | None = None,
     finetune_epochs: int = 0,
     finetune_lr: float = 1e-4,
@@ -113,6 +114,8 @@ def deep_compress(
         sparsity: or prune to this fraction of zeros.
         already_shared: the weights are already quantized (e.g. by ``GMMPrior.quantize``): use their distinct values
             as the codebooks instead of k-means.
+        share: called after the ``before`` accuracy is measured, to quantize the weights in place (e.g.
+            ``GMMPrior.quantize``); implies ``already_shared``.
         finetune_loader: training batches for centroid fine-tuning (with ``finetune_epochs > 0``).
         finetune_epochs: epochs of trained quantization.
         finetune_lr: SGD learning rate of the centroids.
@@ -137,6 +140,9 @@ def deep_compress(
         return evaluate_accuracy(model, test_loader, device, batch_transform)
 
     before = test_accuracy(net)
+    if share is not None:
+        share()
+        already_shared = True
     if already_shared:
         shared = shared_from_weights(net, strict=False)  # a weight the prior did not quantize is stored raw
     else:
