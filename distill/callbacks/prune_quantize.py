@@ -11,6 +11,7 @@ The test accuracy reported as ``decoded`` is measured on the model read back fro
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ class PruneQuantize(Callback):
         sparsity: or prune to this fraction of zeros.
         finetune_epochs: epochs of trained quantization over the training data (0: none).
         finetune_lr: SGD learning rate of the shared values.
-        finetune_batches: at most this many batches per fine-tuning epoch.
+        finetune_batches: at most this many batches per fine-tuning epoch (default: as many as the trainer's training
+            epochs have, so ``limit_train_batches`` limits the fine-tuning too).
         filename: the compressed file, relative to the run folder (or absolute).
         module_attr: attribute of the LightningModule holding the network; default ``student``, else ``model``,
             else the LightningModule itself.
@@ -171,7 +173,7 @@ class PruneQuantize(Callback):
             finetune_loader=train_loader,
             finetune_epochs=self.finetune_epochs,
             finetune_lr=self.finetune_lr,
-            finetune_batches=self.finetune_batches,
+            finetune_batches=self._finetune_batches(trainer),
             test_loader=test_loader,
             report_dir=folder,
             meta={"codebook_source": "GMMPrior" if gmm is not None else "kmeans", "note": self.note},
@@ -184,6 +186,12 @@ class PruneQuantize(Callback):
                 metrics["compress/test_acc"] = self.result["accuracy"]["decoded"]
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         return self.result
+
+    def _finetune_batches(self, trainer: pl.Trainer) -> int | None:
+        if self.finetune_batches is not None:
+            return self.finetune_batches
+        n = getattr(trainer, "num_training_batches", None)
+        return int(n) if isinstance(n, (int, float)) and math.isfinite(n) and n > 0 else None
 
     def output_paths(self) -> dict[str, str]:
         """Files written (for the CLI's summary)."""
