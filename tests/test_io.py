@@ -118,3 +118,14 @@ def test_savez_refuses_object_arrays_and_keeps_old_file(tmp_path: Path) -> None:
     with np.load(target, allow_pickle=False) as data:
         np.testing.assert_array_equal(data["x"], np.zeros(3))
     assert _names(tmp_path) == ["w.npz"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
