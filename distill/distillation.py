@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +44,7 @@ from typing_extensions import override
 
 from distill.arch import arch_spec, build_module
 from distill.hooks import FeatureCapture, get_module
+from distill.io import atomic_path
 from distill.losses import feature_mse, kd_kl, softmax_mse, weighted_distillation
 from distill.module_utils import (
     FastSetattrMixin,
@@ -635,7 +635,6 @@ class Distiller(FastSetattrMixin, pl.LightningModule):
             The path written.
         """
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
         spec = self.hparams.get("student")
         if not isinstance(spec, Mapping):
             spec = arch_spec(self.student)
@@ -644,14 +643,8 @@ class Distiller(FastSetattrMixin, pl.LightningModule):
             "hyper_parameters": {"model": dict(spec), "num_classes": self.num_classes},
             "pytorch-lightning_version": pl.__version__,
         }
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(out) as tmp:
             torch.save(ckpt, tmp)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return out
 
 

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from distill import plots
+from distill.io import atomic_write_text  # re-exported: the public name predates distill.io
 
 __all__ = [
     "ARTIFACTS",
@@ -90,21 +90,6 @@ class RunArtifacts:
         """The last logged value of a TensorBoard scalar, or None."""
         values = self.scalars.get(tag)
         return values[-1][1] if values else None
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and :func:`os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _has_events(folder: Path) -> bool:

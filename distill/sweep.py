@@ -43,7 +43,8 @@ from typing import Any
 import yaml
 
 from distill import plots
-from distill.report import NotARunError, atomic_write_text, load_run
+from distill.io import atomic_write_text
+from distill.report import NotARunError, load_run
 
 __all__ = [
     "Objectives",

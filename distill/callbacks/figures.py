@@ -8,8 +8,6 @@ mixture's dynamics from ``gmm_history.json``, the compression per layer from ``c
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from torch import nn
 from typing_extensions import override
 
 from distill import plots
+from distill.io import atomic_savez
 
 __all__ = ["FigureLogger", "default_compressible_parameters"]
 
@@ -39,18 +38,6 @@ def default_compressible_parameters(module: nn.Module) -> dict[str, torch.Tensor
             if isinstance(mod, (nn.Linear, nn.Conv2d))
         }
     return {name: param for name, param in compressible_parameters(module).items()}
-
-
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FigureLogger(Callback):
@@ -179,7 +166,7 @@ class FigureLogger(Callback):
                 arrays["layer_before"], arrays["layer_after"] = self._layer_before.numpy(), after.numpy()
                 arrays["layer_name"] = np.array(name)
         if arrays:
-            _atomic_savez(run_dir / "figure_weights.npz", arrays)
+            atomic_savez(run_dir / "figure_weights.npz", **arrays)
             self._written["figure weights"] = run_dir / "figure_weights.npz"
 
     def render(self, run_dir: Path, logger: Any = None, step: int = 0) -> dict[str, Path]:

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from torch import nn
 from typing_extensions import override
 
 from distill.compress.params import compressible_parameters
+from distill.io import atomic_savez, atomic_write_json
 from distill.priors import (
     GaussianMixturePrior,
     MixtureTable,
@@ -59,19 +58,6 @@ from distill.priors import (
 __all__ = ["GMMPrior"]
 
 METHODS = ("auto", "exact", "table")
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _positive_pair(name: str, value: Any) -> tuple[float, float] | None:
@@ -466,20 +452,14 @@ class GMMPrior(Callback):
     def _write_history(self, trainer: pl.Trainer | None) -> None:
         if self._run_dir is None or (trainer is not None and not trainer.is_global_zero):
             return
-        text = json.dumps(self._history_json(), indent=1)
-        _atomic_write(self._run_dir / "gmm_history.json", lambda tmp: None if Path(tmp).write_text(text) else None)
+        atomic_write_json(self._run_dir / "gmm_history.json", self._history_json(), indent=1)
 
     def _write_weights(self, trainer: pl.Trainer | None, quantized: np.ndarray | None = None) -> None:
         if not self.save_weights or self._run_dir is None or (trainer is not None and not trainer.is_global_zero):
             return
         arrays = {"initial": self._initial, "final": self._final, "quantized": quantized}
         present = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items() if v is not None}
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **present)  # type: ignore[arg-type]
-
-        _atomic_write(self._run_dir / "gmm_weights.npz", write)
+        atomic_savez(self._run_dir / "gmm_weights.npz", **present)
 
     def output_paths(self) -> dict[str, str]:
         """Files this callback wrote (for the CLI's summary)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ from distill.arch import arch_spec, build_module
 from distill.compress import huffman
 from distill.compress.params import compressible_parameters
 from distill.compress.sparse import best_index_bits, decode_positions, encode_positions
+from distill.io import atomic_write_bytes
 
 __all__ = [
     "FORMAT_VERSION",
@@ -195,25 +195,10 @@ def save_compressed(
     hbytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes)) + hbytes + b"".join(chunks)
     blob = body + _CRC.pack(zlib.crc32(body))
-    _atomic_write(Path(path), blob)
+    atomic_write_bytes(path, blob)
     header["file_bytes"] = len(blob)
     header["header_bytes"] = len(hbytes)
     return header
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _parse(blob: bytes, source: str) -> tuple[dict[str, Any], memoryview]:

@@ -8,9 +8,7 @@ was written.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from distill.arch import ArchitectureError
 from distill.compress.fileformat import decode_into, load_compressed, save_compressed
 from distill.compress.quantize import finetune_centroids, quantize_model, shared_from_weights
 from distill.compress.report import compression_report, write_report
+from distill.io import atomic_write_json
 
 __all__ = ["deep_compress", "evaluate_accuracy", "write_json"]
 
@@ -74,14 +73,8 @@ class _Reiterable:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as JSON atomically (temp file + rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, p)
-    return p
+    """Write ``obj`` as JSON atomically (temp file + rename); see :func:`distill.io.atomic_write_json`."""
+    return atomic_write_json(path, obj, indent=2)
 
 
 def deep_compress(

@@ -14,10 +14,8 @@ replace only the coded streams and their Huffman tables:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 from distill.compress.fileformat import HUFFMAN_SPARSE, load_compressed_state_dict
 from distill.compress.huffman import entropy_bits
 from distill.compress.sparse import stream_counts
+from distill.io import atomic_write_json, atomic_write_text
 
 __all__ = ["TensorStats", "build_report", "compression_report", "report_markdown", "write_report"]
 
@@ -184,20 +183,12 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_report(
     report: dict[str, Any], folder: str | os.PathLike[str], stem: str = "compression_report"
 ) -> dict[str, Path]:
     """Write ``{stem}.json`` and ``{stem}.md`` atomically into ``folder``; returns both paths."""
     folder = Path(folder)
     paths = {"json": folder / f"{stem}.json", "md": folder / f"{stem}.md"}
-    _atomic_text(paths["json"], json.dumps(report, indent=2))
-    _atomic_text(paths["md"], report_markdown(report))
+    atomic_write_json(paths["json"], report, indent=2)
+    atomic_write_text(paths["md"], report_markdown(report))
     return paths
