@@ -42,8 +42,12 @@ def _fast_args(config: Path) -> list[str]:
         "false",
         "--trainer.enable_model_summary",
         "false",
+        "--trainer.limit_test_batches",
+        "2",
         "--data.init_args.batch_size",
         "8",
+        "--data.init_args.eval_batch_size",
+        "256",
     ]
     text = config.read_text()
     if "CIFAR10DataModule" in text:

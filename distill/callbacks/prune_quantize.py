@@ -11,6 +11,7 @@ The test accuracy reported as ``decoded`` is measured on the model read back fro
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,23 @@ from distill.compress.kmeans import clusters_for_bits
 from distill.compress.pipeline import deep_compress
 
 __all__ = ["PruneQuantize"]
+
+
+class _Limited:
+    """Re-iterable view of the first batches of a loader, as ``limit_*_batches`` (an int, or a fraction) asks."""
+
+    def __init__(self, loader: Any, limit: int | float | None) -> None:
+        self.loader = loader
+        n = len(loader) if hasattr(loader, "__len__") else None
+        if limit is None or (isinstance(limit, float) and limit >= 1.0) or n is None:
+            self.count = n
+        elif isinstance(limit, int):
+            self.count = min(limit, n)
+        else:
+            self.count = max(1, int(n * limit))
+
+    def __iter__(self) -> Any:
+        return itertools.islice(iter(self.loader), self.count)
 
 
 def _find_gmm_prior(trainer: pl.Trainer) -> GMMPrior | None:
@@ -145,6 +163,8 @@ class PruneQuantize(Callback):
         folder = run_folder(trainer)
         path = Path(self.filename) if Path(self.filename).is_absolute() else folder / self.filename
         test_loader = self._loader(trainer, "test") if self.evaluate else None
+        if test_loader is not None:  # Lightning's limit_test_batches limits these evaluations too
+            test_loader = _Limited(test_loader, getattr(trainer, "limit_test_batches", 1.0))
         if self.evaluate and test_loader is None and self.note is None:
             self.note = "no datamodule with a test_dataloader(): accuracies skipped"
         train_loader = self._loader(trainer, "train") if self.finetune_epochs > 0 else None
