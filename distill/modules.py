@@ -20,7 +20,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from distill.arch import arch_spec, build_module
 
-__all__ = ["Classifier", "as_module", "configure_optimizers", "save_arch_hparams", "save_hparams", "should_log_step"]
+__all__ = [
+    "Classifier",
+    "Distiller",
+    "as_module",
+    "configure_optimizers",
+    "save_arch_hparams",
+    "save_hparams",
+    "should_log_step",
+]
 
 
 def as_module(model: nn.Module | Mapping[str, Any], argument: str = "model") -> nn.Module:
@@ -145,3 +153,6 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return configure_optimizers(self, self.model.parameters(), self.optimizer, self.lr_scheduler)
+
+
+from distill.distillation import Distiller  # noqa: E402

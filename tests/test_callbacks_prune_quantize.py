@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.callbacks import MagnitudePruning, PruneQuantize
+from distill.callbacks import GMMPrior, MagnitudePruning, PruneQuantize
 from distill.compress import SharedWeights, finetune_centroids, load_compressed, read_header
 from distill.compress.cli import compress_main, evaluate_main
 from distill.data import DigitsDataModule
@@ -58,35 +58,30 @@ def test_prune_quantize_writes_the_file_reports_and_decoded_accuracy(
     assert pq.output_paths()["compressed model"] == str(tmp_path / "model.dstl")
 
 
-class GMMPrior(pl.Callback):
-    """Stand-in for the soft weight-sharing callback (issue 4): quantize() snaps weights to a grid with zero."""
+class CountingGMMPrior(GMMPrior):
+    """The real soft weight-sharing callback, counting how often it is asked to quantize."""
 
-    def __init__(self) -> None:
-        self.calls = 0
+    calls = 0
 
     def quantize(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         self.calls += 1
-        grid = torch.tensor([-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3])  # includes the exact zero component
-        with torch.no_grad():
-            for p in (pl_module.model.fc1.weight, pl_module.model.fc2.weight):
-                p.copy_(grid[(p.unsqueeze(-1) - grid).abs().argmin(-1)])
-        return {"*": grid}
+        return super().quantize(pl_module)
 
 
 def test_prune_quantize_uses_a_gmm_prior_codebook(trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:
-    gmm = GMMPrior()
+    gmm = CountingGMMPrior(num_components=4, quantize_on_end=False, log_histograms=False)
     module = PlainDigits()
     trainer = pl.Trainer(
         **{**trainer_kwargs, "max_epochs": 1, "limit_train_batches": 2}, callbacks=[gmm, PruneQuantize()]
     )
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
-    assert gmm.calls == 1
+    assert gmm.calls == 1  # PruneQuantize asked the prior to quantize, and used its codebook instead of k-means
     header = read_header(tmp_path / "model.dstl")
     assert header["meta"]["codebook_source"] == "GMMPrior"
-    assert all(r["codebook"] <= 6 for r in header["tensors"] if r["encoding"] == "huffman-sparse")
-    grid = torch.tensor([-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3])
+    assert all(r["codebook"] <= 4 for r in header["tensors"] if r["encoding"] == "huffman-sparse")
+    allowed = torch.cat([torch.zeros(1), gmm.mixture.means.detach().float()])
     w = load_compressed(tmp_path / "model.dstl").fc1.weight
-    assert torch.isin(w, grid).all()
+    assert torch.isin(w, allowed).all()  # every stored weight is the zero or a (merged) component mean
 
 
 def test_prune_quantize_without_test_data_skips_accuracy(trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:

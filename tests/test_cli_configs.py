@@ -52,7 +52,7 @@ def _fast_args(config: Path) -> list[str]:
     if "MNISTDataModule" in text or "CIFAR10DataModule" in text:
         args += ["--data.init_args.download", "false"]
     if "VGG19BN" in text:  # full width works too, but a fast test needs a thin network
-        args += ["--model.init_args.model.init_args.width", "0.0625"] if "teacher" in config.stem else []
+        args += ["--model.init_args.model.init_args.width", "0.0625"]
     return args
 
 

@@ -1,0 +1,239 @@
+"""Throughput of distillation: ``Distiller`` in a Lightning ``Trainer`` vs minimal hand-written PyTorch loops.
+
+Side by side in one process (same data, threads and models; runs interleaved, median of the repeats), on
+LeNet-300-100 / MNIST held in memory, batch 128, 2 CPU threads:
+
+* ``kd``: end-to-end distillation (softened-softmax MSE), hand loop vs ``Distiller(mode="end_to_end")``;
+* ``hint``: layer-wise on fc1/fc2 outputs (MSE, hooks on teacher and student, one forward each), hand loop vs
+  ``Distiller(mode="layerwise", layerwise_schedule="joint")``;
+* ``indep``: layer-wise independent (student fc1/fc2 fed the teacher's inputs captured by hooks), hand loop vs
+  ``Distiller(layerwise_schedule="independent")``;
+* ``plain``: training on labels, hand loop vs ``Classifier``: the extra cost of KD over plain training;
+* with ``--lenet5``: the same on LeNet5Caffe (layer-wise on conv2/fc1 vs end to end).
+
+Run from the repository root::
+
+    DISTILL_DATA=/path/to/data python -m benchmarks.bench_distill            # MNIST in memory
+    python -m benchmarks.bench_distill --synthetic                            # random tensors, same shapes
+
+Samples/s count training samples after ``--warmup`` steps; the ratio is Distiller / hand loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.data import MNISTDataModule, TensorBatchDataset
+from distill.hooks import FeatureCapture
+from distill.losses import feature_mse, softmax_mse
+from distill.modules import Classifier, Distiller
+from models.lenet import LeNet5Caffe, LeNet300100
+
+T = 4.0
+
+
+def _data(synthetic: bool) -> tuple[torch.Tensor, torch.Tensor, MNISTDataModule | None]:
+    if synthetic:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(55000, 1, 28, 28, generator=g), torch.randint(0, 10, (55000,), generator=g), None
+    dm = MNISTDataModule(download=False, batch_size=128, val_size=5000)
+    dm.setup("fit")
+    assert dm.train_set is not None
+    return dm.train_set.x, dm.train_set.y, dm
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int) -> Any:
+    """Shuffled batches of in-memory tensors, epoch after epoch (what a minimal hand loop does)."""
+    n = len(y)
+    done = 0
+    while True:
+        perm = torch.randperm(n)
+        for i in range(0, n - batch + 1, batch):
+            idx = perm[i : i + batch]
+            yield x[idx], y[idx]
+            done += 1
+            if done == steps:
+                return
+
+
+def hand_loop(
+    kind: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    args: Any,
+    layers: tuple[str, ...],
+) -> float:
+    """Samples/s of a minimal PyTorch loop doing the same work as the matching Distiller mode."""
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    student.train()
+    teacher.eval().requires_grad_(False)
+    t_cap = s_cap = None
+    if kind == "hint":
+        t_cap = FeatureCapture(teacher, layers).attach()
+        s_cap = FeatureCapture(student, layers).attach()
+    elif kind == "indep":
+        t_cap = FeatureCapture(teacher, layers, inputs=True).attach()
+    s_mods = dict(student.named_modules())
+    start = 0.0
+    for step, (xb, yb) in enumerate(_batches(x, y, args.batch, args.warmup + args.steps)):
+        if step == args.warmup:
+            start = time.perf_counter()
+        if kind == "plain":
+            loss = F.cross_entropy(student(xb), yb)
+        elif kind == "kd":
+            with torch.no_grad():
+                t = teacher(xb)
+            loss = softmax_mse(student(xb), t, T)
+        elif kind == "hint":
+            assert t_cap is not None and s_cap is not None
+            with torch.no_grad():
+                teacher(xb)
+            student(xb)
+            loss = sum(feature_mse(s_cap.outputs[p], t_cap.outputs[p]) for p in layers)  # type: ignore[assignment]
+        else:  # indep
+            assert t_cap is not None
+            with torch.no_grad():
+                teacher(xb)
+            loss = sum(  # type: ignore[assignment]
+                feature_mse(s_mods[p](t_cap.inputs[p]), t_cap.outputs[p]) for p in layers
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    elapsed = time.perf_counter() - start
+    for cap in (t_cap, s_cap):
+        if cap is not None:
+            cap.detach()
+    return args.steps * args.batch / elapsed
+
+
+class _Timer(pl.Callback):
+    """Wall time from the first measured batch's start to the last batch's end."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = self.end = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.warmup and not self.start:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *a: Any) -> None:
+        self.end = time.perf_counter()
+
+
+def lightning_loop(
+    module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, args: Any, extra_callbacks: tuple[pl.Callback, ...] = ()
+) -> float:
+    """Samples/s of ``module`` in a Trainer: default logger off, no progress bar, no validation."""
+    loader = torch.utils.data.DataLoader(
+        TensorBatchDataset(x, y), batch_size=args.batch, shuffle=True, drop_last=True, collate_fn=lambda b: b
+    )
+    timer = _Timer(args.warmup)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.warmup + args.steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, *extra_callbacks],
+    )
+    trainer.fit(module, loader)
+    return args.steps * args.batch / (timer.end - timer.start)
+
+
+def _adam(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def compare(
+    name: str,
+    net: Callable[[], nn.Module],
+    kind: str,
+    layers: tuple[str, ...],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    args: Any,
+) -> dict[str, float]:
+    teacher = net()
+    hand, lit = [], []
+    for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit both sides
+        torch.manual_seed(0)
+        hand.append(hand_loop(kind, net(), teacher, x, y, args, layers))
+        if kind == "plain":
+            module: pl.LightningModule = Classifier(net(), optimizer=_adam)
+        elif kind == "kd":
+            module = Distiller(net(), teacher, optimizer=_adam, temperature=T)
+        else:
+            schedule = "joint" if kind == "hint" else "independent"
+            module = Distiller(
+                net(),
+                teacher,
+                optimizer=_adam,
+                mode="layerwise",
+                layerwise_schedule=schedule,
+                layers={p: p for p in layers},
+            )
+        lit.append(lightning_loop(module, x, y, args))
+    h, m = statistics.median(hand), statistics.median(lit)
+    row = {"hand_samples_s": h, "lightning_samples_s": m, "ratio": m / h}
+    print(
+        f"{name:<28} {kind:<6} hand {h:9.0f}/s   {'Classifier' if kind == 'plain' else 'Distiller':<10} "
+        f"{m:9.0f}/s   ratio {m / h:5.3f}",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=200, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--synthetic", action="store_true", help="random tensors instead of MNIST")
+    parser.add_argument("--lenet5", action="store_true", help="also LeNet5Caffe (slower)")
+    parser.add_argument("--only", nargs="*", default=None, help="subset of kinds: plain kd hint indep")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    x, y, _ = _data(args.synthetic)
+    print(
+        f"torch {torch.__version__}, lightning {pl.__version__}, threads {torch.get_num_threads()}, "
+        f"batch {args.batch}, {args.steps} steps after {args.warmup} warm-up, median of {args.repeats}"
+    )
+    kinds = args.only or ["plain", "kd", "hint", "indep"]
+    results: dict[str, Any] = {}
+    for kind in kinds:
+        results[f"lenet300_100/{kind}"] = compare("LeNet-300-100", LeNet300100, kind, ("fc1", "fc2"), x, y, args)
+    if args.lenet5:
+        for kind in [k for k in kinds if k in ("plain", "kd", "hint")]:
+            results[f"lenet5caffe/{kind}"] = compare("LeNet5Caffe", LeNet5Caffe, kind, ("conv2", "fc1"), x, y, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
