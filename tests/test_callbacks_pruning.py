@@ -188,3 +188,16 @@ def test_identical_masks_under_ddp(trainer_kwargs: dict[str, Any], tmp_path: Pat
     m0 = torch.load(tmp_path / "masks0.pt", weights_only=True)
     m1 = torch.load(tmp_path / "masks1.pt", weights_only=True)
     assert m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0)
+
+
+def test_per_layer_sparsity_mapping(trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:
+    pruning = MagnitudePruning(sparsity={"net.1": [0.5, 0.9], "*": [0.25, 0.5]}, prune_epochs=[0, 1])
+    trainer = pl.Trainer(**{**trainer_kwargs, "max_epochs": 2}, callbacks=[pruning])
+    trainer.fit(Plain(), *loaders())
+    history = json.loads((tmp_path / "pruning_history.json").read_text())["iterations"]
+    assert [r["sparsity_target"] for r in history] == [{"net.1": 0.5, "net.3": 0.25}, {"net.1": 0.9, "net.3": 0.5}]
+    assert history[-1]["sparsity"] == pytest.approx({"net.1": 0.9, "net.3": 0.5}, abs=1 / 128)
+    with pytest.raises(ValueError, match=r"no entry for 'net.3.weight'"):
+        MagnitudePruning(sparsity={"1": 0.5}).value_for(0, "net.3.weight")
+    with pytest.raises(ValueError, match=r"sparsity\['net.1'\] must be a number in \[0, 1\]"):
+        MagnitudePruning(sparsity={"net.1": 1.5})

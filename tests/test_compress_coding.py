@@ -134,9 +134,8 @@ def test_best_index_bits_matches_brute_force() -> None:
         gc, cc = stream_counts(positions, codes, b)
         np.testing.assert_array_equal(gc[: gaps.max() + 1], np.bincount(gaps))
         g, c = huffman.encode(gaps), huffman.encode(entry_codes)
-        assert sizes[b] == g.n_bits + c.n_bits + 8 * (g.lengths.size + c.lengths.size) + 32 * (
-            g.sync.size + c.sync.size
-        )
+        tables = huffman.table_bytes(g.lengths) + huffman.table_bytes(c.lengths)  # 4 bits per length when it fits
+        assert sizes[b] == g.n_bits + c.n_bits + 8 * tables + 32 * (g.sync.size + c.sync.size)
     assert sizes[best] == min(sizes.values())
     assert 2 <= best <= 6  # ~8% density: mean gap ~12
 
@@ -220,3 +219,19 @@ def test_huffman_lockstep_decoding_with_sync_points_matches_pointer_doubling() -
 def test_sparsity_mask_breaks_ties_by_position() -> None:
     w = torch.tensor([3.0, 1.0, -1.0, 1.0, 2.0, 0.0])
     assert sparsity_mask(w, 0.5).tolist() == [True, False, False, True, True, False]
+
+
+def test_length_tables_pack_into_nibbles_when_they_fit() -> None:
+    for n in (0, 1, 2, 7, 256):
+        lengths = np.random.default_rng(n).integers(0, 16, n).astype(np.uint8)
+        data, bits = huffman.pack_lengths(lengths)
+        assert bits == 4 and len(data) == huffman.table_bytes(lengths) == (n + 1) // 2
+        np.testing.assert_array_equal(huffman.unpack_lengths(data, n, bits), lengths)
+    long = np.array([1, 16, 3], dtype=np.uint8)  # a 16-bit code does not fit a nibble: one byte per length
+    data, bits = huffman.pack_lengths(long)
+    assert bits == 8 and huffman.table_bytes(long) == 3
+    np.testing.assert_array_equal(huffman.unpack_lengths(data, 3, bits), long)
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        huffman.unpack_lengths(data, 3, 5)
+    with pytest.raises(ValueError, match="expected 2"):
+        huffman.unpack_lengths(b"\x00", 3, 4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from distill.compress import (
     compression_report,
     decode_into,
     load_compressed,
+    load_compressed_state_dict,
     quantize_model,
     read_header,
     report_markdown,
@@ -123,12 +125,37 @@ def test_foreign_and_unknown_version_rejected(good_file: Path, tmp_path: Path) -
         load_compressed(tmp_path / "missing.dstl")
 
 
-def test_header_is_plain_json_with_architecture(good_file: Path) -> None:
+def test_header_is_zlib_compressed_json_with_architecture(good_file: Path) -> None:
     blob = good_file.read_bytes()
+    (version,) = struct.unpack_from("<H", blob, 8)
     (hlen,) = struct.unpack_from("<I", blob, 10)
-    header = json.loads(blob[14 : 14 + hlen])
+    assert version == FORMAT_VERSION == 2
+    header = json.loads(zlib.decompress(blob[14 : 14 + hlen]))
     assert header["arch"] == {"class_path": "models.lenet.LeNet5Caffe", "init_args": {"num_classes": 10}}
     assert header["tensors"][0]["name"] == "conv1.weight"
+
+
+def test_version_1_files_still_read_exactly_and_version_2_is_smaller(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = LeNet5Caffe()
+    quantize_model(model, bits_conv=4, bits_fc=3, sparsity=0.97)
+    with torch.no_grad():  # a float16-exact codebook in one layer, so that both codebook widths are exercised
+        w = model.fc2.weight
+        w.copy_(w.half().float())
+    old = save_compressed(model, tmp_path / "v1.dstl", version=1)
+    new = save_compressed(model, tmp_path / "v2.dstl")
+    blob = (tmp_path / "v1.dstl").read_bytes()
+    assert struct.unpack_from("<H", blob, 8)[0] == 1
+    assert json.loads(blob[14 : 14 + old["header_bytes"]])["tensors"][0]["name"] == "conv1.weight"
+    recs = {r["name"]: r for r in new["tensors"]}
+    assert recs["fc2.weight"]["codebook_dtype"] == "float16" and recs["fc1.weight"]["codebook_dtype"] == "float32"
+    assert new["file_bytes"] < old["file_bytes"] and new["header_bytes"] < old["header_bytes"] / 2
+    for name in ("v1.dstl", "v2.dstl"):
+        state, _ = load_compressed_state_dict(tmp_path / name)
+        for k, v in model.state_dict().items():
+            assert torch.equal(state[k], v), (name, k)
+    with pytest.raises(ValueError, match="version must be one of"):
+        save_compressed(model, tmp_path / "v3.dstl", version=3)
 
 
 def test_bits_per_weight_within_five_percent_of_entropy_bound(tmp_path: Path) -> None:

@@ -33,6 +33,12 @@ __all__ = ["MagnitudePruning"]
 Schedule = float | Sequence[float] | Callable[[int], float]
 
 
+def _names_layer(name: str, key: str) -> bool:
+    """Whether mapping key ``key`` (``fc1``, ``fc1.weight``, ``model.fc1``...) names parameter ``name``."""
+    layer = name.removesuffix(".weight")
+    return key in (name, layer) or name.endswith("." + key) or layer.endswith("." + key)
+
+
 def run_folder(trainer: pl.Trainer) -> Path:
     """The run folder: ``trainer.log_dir``, else ``trainer.default_root_dir``."""
     return Path(trainer.log_dir or trainer.default_root_dir)
@@ -44,7 +50,10 @@ class MagnitudePruning(Callback):
     Args:
         quality: prune ``|w| < quality * std(w)`` per layer; a number, a list (one per iteration, the last one
             repeats) or a function of the iteration number (0-based).
-        sparsity: or prune each layer to this fraction of zeros (same forms). Exactly one of the two.
+        sparsity: or prune each layer to this fraction of zeros (same forms). Exactly one of the two. A mapping
+            ``{layer: schedule}`` gives each layer its own (keys: parameter or layer names or dotted suffixes of them;
+            the key ``"*"`` covers the layers not named), e.g. ``{fc1: [0.9, 0.98], fc3: [0.5, 0.8]}``: small layers
+            such as the classifier tolerate far less pruning than the large ones.
         prune_epochs: epochs at whose start a pruning iteration runs, e.g. ``[0, 20, 40]``.
         every_n_epochs: or prune at epochs ``0, n, 2n, ...`` (at most ``max_iterations`` times).
             Default (neither given): prune once at epoch 0.
@@ -61,7 +70,7 @@ class MagnitudePruning(Callback):
     def __init__(
         self,
         quality: Schedule | None = None,
-        sparsity: Schedule | None = None,
+        sparsity: Schedule | Mapping[str, Schedule] | None = None,
         prune_epochs: Sequence[int] | None = None,
         every_n_epochs: int | None = None,
         max_iterations: int | None = None,
@@ -72,10 +81,14 @@ class MagnitudePruning(Callback):
         super().__init__()
         if (quality is None) == (sparsity is None):
             raise ValueError(f"give exactly one of quality or sparsity, got quality={quality!r}, sparsity={sparsity!r}")
-        for arg, value, ok, expect in (
-            ("quality", quality, lambda v: v >= 0, ">= 0"),
-            ("sparsity", sparsity, lambda v: 0 <= v <= 1, "in [0, 1]"),
-        ):
+        checks: list[tuple[str, Any, Callable[[float], bool], str]] = [("quality", quality, lambda v: v >= 0, ">= 0")]
+        if isinstance(sparsity, Mapping):
+            if not sparsity:
+                raise ValueError("sparsity given as a mapping {layer: schedule} must name at least one layer")
+            checks += [(f"sparsity[{k!r}]", v, lambda v: 0 <= v <= 1, "in [0, 1]") for k, v in sparsity.items()]
+        else:
+            checks.append(("sparsity", sparsity, lambda v: 0 <= v <= 1, "in [0, 1]"))
+        for arg, value, ok, expect in checks:
             if value is None or callable(value):
                 continue
             values = [value] if isinstance(value, int | float) else list(value)
@@ -94,7 +107,7 @@ class MagnitudePruning(Callback):
         if max_iterations is not None and max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {max_iterations!r}")
         self.quality = quality
-        self.sparsity = sparsity
+        self.sparsity = dict(sparsity) if isinstance(sparsity, Mapping) else sparsity
         self.prune_epochs = sorted(set(prune_epochs)) if prune_epochs is not None else None
         self.every_n_epochs = every_n_epochs
         self.max_iterations = max_iterations
@@ -135,8 +148,12 @@ class MagnitudePruning(Callback):
             return epoch % self.every_n_epochs == 0
         return epoch == 0
 
-    def value_for(self, iteration: int) -> tuple[float | None, float | None]:
-        """``(quality, sparsity)`` of iteration ``iteration`` (one of them None)."""
+    def value_for(self, iteration: int, name: str | None = None) -> tuple[float | None, float | None]:
+        """``(quality, sparsity)`` of iteration ``iteration`` (one of them None), for parameter ``name``.
+
+        Raises:
+            ValueError: if ``sparsity`` is a mapping that covers neither ``name`` nor ``"*"``.
+        """
 
         def pick(s: Schedule | None) -> float | None:
             if s is None:
@@ -148,7 +165,14 @@ class MagnitudePruning(Callback):
             seq = list(s)
             return float(seq[min(iteration, len(seq) - 1)])
 
-        return pick(self.quality), pick(self.sparsity)
+        sparsity = self.sparsity
+        if isinstance(sparsity, Mapping):
+            key = next((k for k in sparsity if k != "*" and _names_layer(name or "", k)), None)
+            key = key if key is not None else ("*" if "*" in sparsity else None)
+            if key is None:
+                raise ValueError(f"sparsity mapping {sorted(sparsity)} has no entry for {name!r} (nor a '*' default)")
+            sparsity = sparsity[key]
+        return pick(self.quality), pick(sparsity)
 
     # ------------------------------------------------------------------ mask handling
     @torch.no_grad()
@@ -237,10 +261,13 @@ class MagnitudePruning(Callback):
     def prune(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Run one pruning iteration now; returns its history record."""
         iteration = len(self.iterations)
-        quality, sparsity = self.value_for(iteration)
+        quality, sparsity = self.value_for(iteration, next(iter(self._params), None))
         masks: dict[str, torch.Tensor] = {}
         thresholds: dict[str, float] = {}
+        targets: dict[str, float | None] = {}
         for name, p in self._params.items():
+            quality, sparsity = self.value_for(iteration, name)
+            targets[name.removesuffix(".weight")] = sparsity
             masks[name], thresholds[name] = prune_mask(
                 p, quality=quality, sparsity=sparsity, previous=self.masks.get(name)
             )
@@ -253,7 +280,7 @@ class MagnitudePruning(Callback):
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "quality": quality,
-            "sparsity_target": sparsity,
+            "sparsity_target": targets if isinstance(self.sparsity, Mapping) else sparsity,
             "threshold": {n.removesuffix(".weight"): t for n, t in thresholds.items()},
             "sparsity": self.sparsity_by_layer(),
             "zero_rate": self.zero_rate(),

@@ -36,7 +36,10 @@ __all__ = [
     "decode",
     "encode",
     "entropy_bits",
+    "pack_lengths",
     "sync_count",
+    "table_bytes",
+    "unpack_lengths",
 ]
 
 MAX_CODE_LENGTH = 24
@@ -137,6 +140,45 @@ class HuffmanStream:
     n_symbols: int
     n_bits: int
     sync: np.ndarray  # uint32 bit offsets of symbols SYNC_INTERVAL, 2*SYNC_INTERVAL, ... (see sync_count)
+
+
+def table_bytes(lengths: np.ndarray, nibbles: bool = True) -> int:
+    """Bytes of a stored code length table: 4 bits per symbol when every length is at most 15 (and ``nibbles``),
+    else one byte per symbol. Trailing unused symbols are never stored."""
+    n = int(np.asarray(lengths).size)
+    if nibbles and (n == 0 or int(np.max(lengths)) <= 15):
+        return (n + 1) // 2
+    return n
+
+
+def pack_lengths(lengths: np.ndarray, nibbles: bool = True) -> tuple[bytes, int]:
+    """The code length table as stored: ``(bytes, bits_per_length)`` with 4 bits per length (high nibble first,
+    the last low nibble zero-padded) when all lengths fit, else 8 (see :func:`table_bytes`)."""
+    lengths = np.asarray(lengths, dtype=np.uint8)
+    if not nibbles or (lengths.size and int(lengths.max()) > 15):
+        return lengths.tobytes(), 8
+    padded = np.concatenate([lengths, np.zeros(lengths.size % 2, dtype=np.uint8)])
+    return ((padded[0::2] << 4) | padded[1::2]).astype(np.uint8).tobytes(), 4
+
+
+def unpack_lengths(data: bytes, n: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_lengths`: the ``n`` code lengths of a table stored with ``bits`` bits each.
+
+    Raises:
+        ValueError: if ``bits`` is not 4 or 8, or ``data`` has the wrong size.
+    """
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if bits == 8:
+        if raw.size != n:
+            raise ValueError(f"length table holds {raw.size} bytes, expected {n}")
+        return raw
+    if bits != 4:
+        raise ValueError(f"a length table stores 4 or 8 bits per symbol, got {bits}")
+    if raw.size != (n + 1) // 2:
+        raise ValueError(f"length table holds {raw.size} bytes, expected {(n + 1) // 2}")
+    out = np.empty(2 * raw.size, dtype=np.uint8)
+    out[0::2], out[1::2] = raw >> 4, raw & 0x0F
+    return out[:n]
 
 
 def coded_bits(counts: np.ndarray, lengths: np.ndarray) -> int:

@@ -135,7 +135,8 @@ def compression_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         codebook = np.unique(values)
         codes = np.searchsorted(codebook, values) + 1
         gc, cc = stream_counts(positions, codes, int(rec["index_bits"]))
-        stream_bytes = int(rec["length"]) - 4 * int(rec["codebook"])  # tables, sync offsets and coded bits
+        cb_bytes = 2 if rec.get("codebook_dtype") == "float16" else 4
+        stream_bytes = int(rec["length"]) - cb_bytes * int(rec["codebook"])  # tables, sync offsets and coded bits
         stats.append(
             TensorStats(
                 compressed=True,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.compress.huffman import code_lengths, coded_bits, sync_count
+from distill.compress.huffman import code_lengths, coded_bits, sync_count, table_bytes
 
 __all__ = ["best_index_bits", "decode_positions", "encode_positions", "stream_counts"]
 
@@ -71,18 +71,21 @@ def stream_counts(positions: np.ndarray, codes: np.ndarray, bits: int) -> tuple[
     return gap_counts, code_counts
 
 
-def _table_bytes(counts: np.ndarray) -> int:
-    used = np.flatnonzero(counts)
-    return int(used[-1]) + 1 if used.size else 0  # one length byte per symbol up to the last used one
+def _table_bytes(lengths: np.ndarray, nibbles: bool) -> int:
+    used = np.flatnonzero(lengths)
+    return table_bytes(lengths[: int(used[-1]) + 1], nibbles) if used.size else 0  # up to the last used symbol
 
 
-def best_index_bits(positions: np.ndarray, codes: np.ndarray, max_bits: int = 12) -> tuple[int, dict[int, int]]:
+def best_index_bits(
+    positions: np.ndarray, codes: np.ndarray, max_bits: int = 12, nibbles: bool = True
+) -> tuple[int, dict[int, int]]:
     """The index width ``b`` in ``0..max_bits`` giving the smallest Huffman-coded size (streams, tables, sync points).
 
     Args:
         positions: sorted flat positions of the non-zeros.
         codes: their cluster codes (``>= 1``; 0 is the padding/pruned zero).
         max_bits: the widest index considered.
+        nibbles: code length tables cost 4 bits per symbol when they fit (format version 2), else 8.
 
     Returns:
         ``(best_bits, size_in_bits_per_candidate)``.
@@ -91,8 +94,9 @@ def best_index_bits(positions: np.ndarray, codes: np.ndarray, max_bits: int = 12
     for b in range(max_bits + 1):
         gc, cc = stream_counts(positions, codes, b)
         entries = int(gc.sum())
-        g_bits, c_bits = coded_bits(gc, code_lengths(gc)), coded_bits(cc, code_lengths(cc))
+        lg, lc = code_lengths(gc), code_lengths(cc)
+        g_bits, c_bits = coded_bits(gc, lg), coded_bits(cc, lc)
         sync = 32 * (sync_count(entries, g_bits) + sync_count(entries, c_bits))
-        sizes[b] = g_bits + c_bits + sync + 8 * (_table_bytes(gc) + _table_bytes(cc))
+        sizes[b] = g_bits + c_bits + sync + 8 * (_table_bytes(lg, nibbles) + _table_bytes(lc, nibbles))
     best = min(sizes, key=lambda b: (sizes[b], b))
     return best, sizes
