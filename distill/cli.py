@@ -62,27 +62,35 @@ class DistillCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Lightning's save_last only copies last.ckpt when a top-k checkpoint is written, so with a monitored best
+        # model last.ckpt would lag behind and a resumed run would restart from an old epoch. A second, unmonitored
+        # checkpoint named "last" is rewritten at every validation, in the same folder.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,
                 "checkpoint.filename": "best-epoch{epoch:03d}-acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
             }
         )
+        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
 
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
         lines = [f"run folder:        {trainer.log_dir}"]
-        ckpt = trainer.checkpoint_callback
-        if isinstance(ckpt, ModelCheckpoint):
-            if ckpt.best_model_path:
-                lines.append(f"best checkpoint:   {ckpt.best_model_path}")
-            if ckpt.last_model_path:
-                lines.append(f"last checkpoint:   {ckpt.last_model_path}")
+        for ckpt in getattr(trainer, "checkpoint_callbacks", []):
+            if not isinstance(ckpt, ModelCheckpoint) or not ckpt.best_model_path:
+                continue
+            label = "best checkpoint:" if ckpt.monitor else "last checkpoint:"
+            lines.append(f"{label:<18} {ckpt.best_model_path}")
         for cb in getattr(trainer, "callbacks", []):  # callbacks that wrote files say where (e.g. the compressed model)
             outputs = getattr(cb, "output_paths", None)
             if callable(outputs):

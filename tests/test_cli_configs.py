@@ -74,8 +74,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for cfg in TEACHERS:
             cli = DistillCLI(args=_fast_args(cfg))
             assert cli.trainer.global_step >= 1, cfg
-            assert cli.trainer.checkpoint_callback is not None
-            assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file(), cfg
+            ckpt = cli.trainer.checkpoint_callback
+            assert ckpt is not None and ckpt.dirpath is not None
+            assert (Path(ckpt.dirpath) / "last.ckpt").is_file(), cfg
     finally:
         os.chdir(old)
     return wd
@@ -119,3 +120,17 @@ def test_config_fits_two_steps(config: Path, workdir: Path, monkeypatch: pytest.
     monkeypatch.chdir(workdir)
     cli = DistillCLI(args=_fast_args(config))
     assert cli.trainer.global_step >= 1
+
+
+def test_last_checkpoint_follows_every_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """last.ckpt is the latest epoch even when the monitored accuracy stops improving (resume must not go back)."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs" / "quickstart" / "teacher.yaml"
+    args = ["fit", "-c", str(config), "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.enable_model_summary", "false", "--model.init_args.optimizer.init_args.lr", "0.0"]
+    DistillCLI(args=args)  # lr 0: val/acc never improves after epoch 0
+    ckpts = tmp_path / "runs" / "quickstart_teacher" / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert [p.name.startswith("best-epoch000") for p in ckpts.glob("best-*")] == [True]
