@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["atomic_path", "atomic_savez", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_savez", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "run_folder"]
 
 
 def _fsync(path: Path) -> None:
@@ -129,3 +129,8 @@ def atomic_savez(path: str | os.PathLike[str], /, **arrays: npt.ArrayLike) -> Pa
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, allow_pickle=False, **arrays)
     return Path(path)
+
+
+def run_folder(trainer: Any) -> Path:
+    """The folder a run writes its artifacts into: ``trainer.log_dir``, else ``trainer.default_root_dir``."""
+    return Path(trainer.log_dir or trainer.default_root_dir)

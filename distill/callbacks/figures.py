@@ -19,25 +19,15 @@ from torch import nn
 from typing_extensions import override
 
 from distill import plots
-from distill.io import atomic_savez
+from distill.compress.params import compressible_parameters
+from distill.io import atomic_savez, run_folder
 
 __all__ = ["FigureLogger", "default_compressible_parameters"]
 
 
 def default_compressible_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters compressed by default: ``weight`` of every ``nn.Linear`` and ``nn.Conv2d``, by dotted name.
-
-    Uses :func:`distill.compress.params.compressible_parameters` when it is available.
-    """
-    try:
-        from distill.compress.params import compressible_parameters
-    except ImportError:
-        return {
-            f"{name}.weight" if name else "weight": mod.weight
-            for name, mod in module.named_modules()
-            if isinstance(mod, (nn.Linear, nn.Conv2d))
-        }
-    return {name: param for name, param in compressible_parameters(module).items()}
+    """The parameters compressed by default (:func:`distill.compress.params.compressible_parameters`)."""
+    return dict(compressible_parameters(module))
 
 
 class FigureLogger(Callback):
@@ -104,7 +94,7 @@ class FigureLogger(Callback):
 
     def run_dir(self, trainer: pl.Trainer) -> Path:
         """The run folder: ``trainer.log_dir``, else ``trainer.default_root_dir``."""
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        return run_folder(trainer)
 
     # ---------------------------------------------------------------------------------------------------------------
     def _sample(self, params: dict[str, torch.Tensor]) -> torch.Tensor:

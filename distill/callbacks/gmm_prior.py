@@ -44,7 +44,7 @@ from torch import nn
 from typing_extensions import override
 
 from distill.compress.params import compressible_parameters
-from distill.io import atomic_savez, atomic_write_json
+from distill.io import atomic_savez, atomic_write_json, run_folder
 from distill.priors import (
     GaussianMixturePrior,
     MixtureTable,
@@ -231,7 +231,7 @@ class GMMPrior(Callback):
             raise ValueError(f"GMMPrior: parameters {missing} are not in any optimizer of the module")
         self._params = params
         self.num_weights = sum(p.numel() for p in params.values())
-        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank (it broadcasts)
+        self._run_dir = run_folder(trainer)  # on every rank (log_dir broadcasts)
         self.mixture.to(device=pl_module.device, dtype=torch.float32)
         with torch.no_grad():  # own storage: under ddp_spawn on CPU the pickled tensors share memory across ranks
             for p in self.mixture.parameters():

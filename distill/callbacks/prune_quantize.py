@@ -23,9 +23,9 @@ from torch import nn
 from typing_extensions import override
 
 from distill.callbacks.gmm_prior import GMMPrior
-from distill.callbacks.pruning import run_folder
 from distill.compress.kmeans import clusters_for_bits
 from distill.compress.pipeline import deep_compress
+from distill.io import run_folder
 
 __all__ = ["PruneQuantize"]
 

@@ -27,6 +27,7 @@ from typing_extensions import override
 from distill.compress.params import compressible_parameters
 from distill.compress.pipeline import write_json
 from distill.compress.pruning import prune_mask
+from distill.io import run_folder
 
 __all__ = ["MagnitudePruning"]
 
@@ -37,11 +38,6 @@ def _names_layer(name: str, key: str) -> bool:
     """Whether mapping key ``key`` (``fc1``, ``fc1.weight``, ``model.fc1``...) names parameter ``name``."""
     layer = name.removesuffix(".weight")
     return key in (name, layer) or name.endswith("." + key) or layer.endswith("." + key)
-
-
-def run_folder(trainer: pl.Trainer) -> Path:
-    """The run folder: ``trainer.log_dir``, else ``trainer.default_root_dir``."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 class MagnitudePruning(Callback):
