@@ -58,6 +58,24 @@ def test_prune_quantize_writes_the_file_reports_and_decoded_accuracy(
     assert pq.output_paths()["compressed model"] == str(tmp_path / "model.dstl")
 
 
+def test_prune_quantize_float16_raw_tensors(trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:
+    pq = PruneQuantize(bits_fc=4, raw_dtype="float16")
+    module = PlainDigits()
+    trainer = pl.Trainer(**{**trainer_kwargs, "max_epochs": 2}, callbacks=[MagnitudePruning(quality=0.8), pq])
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    header = read_header(tmp_path / "model.dstl")
+    enc = {r["name"]: (r["encoding"], r["length"]) for r in header["tensors"]}
+    assert enc["fc1.bias"] == ("raw-f16", 2 * 48) and enc["fc2.bias"] == ("raw-f16", 2 * 10)
+    assert enc["fc1.weight"][0] == "huffman-sparse" and header["meta"]["raw_dtype"] == "float16"
+    bias = module.model.fc1.bias.detach()
+    assert torch.equal(bias, bias.half().float()) and bias.abs().sum() > 0  # rounded in memory, not zeroed
+    loaded = load_compressed(tmp_path / "model.dstl")
+    for k, v in module.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.cpu()), k  # the decoded model is the evaluated one
+    acc = json.loads((tmp_path / "accuracy.json").read_text())
+    assert acc["decoded"] == acc["quantized"]
+
+
 class CountingGMMPrior(GMMPrior):
     """The real soft weight-sharing callback, counting how often it is asked to quantize."""
 
@@ -102,6 +120,7 @@ def test_prune_quantize_without_test_data_skips_accuracy(trainer_kwargs: dict[st
         ({"quality": 1.0, "sparsity": 0.5}, "not both"),
         ({"sparsity": 2.0}, r"sparsity must be in \[0, 1\]"),
         ({"finetune_epochs": -1}, "finetune_epochs must be >= 0"),
+        ({"raw_dtype": "int8"}, "raw_dtype must be one of"),
     ],
 )
 def test_prune_quantize_misconfiguration(kwargs: dict[str, Any], match: str) -> None:

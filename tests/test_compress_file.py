@@ -72,7 +72,9 @@ def test_unquantized_weight_is_stored_raw_and_exact(tmp_path: Path) -> None:
     model = MLP(8, (4,), 3)
     save_compressed(model, tmp_path / "m.dstl")
     header = read_header(tmp_path / "m.dstl")
-    assert {r["encoding"] for r in header["tensors"]} == {"raw"}  # codebook coding would not be smaller
+    enc = {r["name"]: r["encoding"] for r in header["tensors"]}
+    assert enc["fc1.weight"] == enc["fc2.weight"] == "raw"  # codebook coding would not be smaller
+    assert enc["fc1.bias"] == "raw-f16"  # all zeros: exactly float16
     assert torch.equal(load_compressed(tmp_path / "m.dstl").fc1.weight, model.fc1.weight)
 
 
@@ -129,7 +131,7 @@ def test_header_is_zlib_compressed_json_with_architecture(good_file: Path) -> No
     blob = good_file.read_bytes()
     (version,) = struct.unpack_from("<H", blob, 8)
     (hlen,) = struct.unpack_from("<I", blob, 10)
-    assert version == FORMAT_VERSION == 2
+    assert version == FORMAT_VERSION == 3
     header = json.loads(zlib.decompress(blob[14 : 14 + hlen]))
     assert header["arch"] == {"class_path": "models.lenet.LeNet5Caffe", "init_args": {"num_classes": 10}}
     assert header["tensors"][0]["name"] == "conv1.weight"
@@ -143,7 +145,7 @@ def test_version_1_files_still_read_exactly_and_version_2_is_smaller(tmp_path: P
         w = model.fc2.weight
         w.copy_(w.half().float())
     old = save_compressed(model, tmp_path / "v1.dstl", version=1)
-    new = save_compressed(model, tmp_path / "v2.dstl")
+    new = save_compressed(model, tmp_path / "v2.dstl", version=2)
     blob = (tmp_path / "v1.dstl").read_bytes()
     assert struct.unpack_from("<H", blob, 8)[0] == 1
     assert json.loads(blob[14 : 14 + old["header_bytes"]])["tensors"][0]["name"] == "conv1.weight"
@@ -155,7 +157,43 @@ def test_version_1_files_still_read_exactly_and_version_2_is_smaller(tmp_path: P
         for k, v in model.state_dict().items():
             assert torch.equal(state[k], v), (name, k)
     with pytest.raises(ValueError, match="version must be one of"):
-        save_compressed(model, tmp_path / "v3.dstl", version=3)
+        save_compressed(model, tmp_path / "v4.dstl", version=4)
+
+
+def test_version_3_stores_float16_exact_raw_tensors_in_half_the_bytes(tmp_path: Path) -> None:
+    from distill.compress.pipeline import round_raw_tensors
+
+    torch.manual_seed(4)
+    model = VGG19BN(width=0.0625)
+    quantize_model(model, bits_conv=4, bits_fc=4, sparsity=0.9)
+    with torch.no_grad():
+        model.classifier[-1].bias.fill_(1e6)  # beyond float16's range: must stay float32
+    rounded = round_raw_tensors(model, keep=[n for n, _ in model.named_parameters() if n.endswith("weight")
+                                              and model.get_parameter(n).dim() > 1])
+    assert "classifier.6.bias" not in rounded and "features.1.running_var" in rounded
+    assert not any(n.endswith("num_batches_tracked") for n in rounded)  # int64 buffers untouched
+    v2 = save_compressed(model, tmp_path / "v2.dstl", version=2)
+    v3 = save_compressed(model, tmp_path / "v3.dstl")
+    enc3 = {r["name"]: (r["encoding"], r["length"]) for r in v3["tensors"]}
+    enc2 = {r["name"]: (r["encoding"], r["length"]) for r in v2["tensors"]}
+    assert enc3["features.1.running_var"] == ("raw-f16", enc2["features.1.running_var"][1] // 2)
+    assert enc3["classifier.6.bias"][0] == "raw" and enc3["features.0.weight"][0] == "huffman-sparse"
+    assert v3["file_bytes"] < v2["file_bytes"]
+    for name in ("v2.dstl", "v3.dstl"):
+        state, _ = load_compressed_state_dict(tmp_path / name)
+        for k, v in model.state_dict().items():
+            assert torch.equal(state[k], v) and state[k].dtype == v.dtype, (name, k)
+    # a float16 record whose byte count does not match its shape is rejected, not misread
+    blob = bytearray((tmp_path / "v3.dstl").read_bytes())
+    hlen = struct.unpack_from("<I", blob, 10)[0]
+    header = json.loads(zlib.decompress(blob[14 : 14 + hlen]))
+    rec = next(r for r in header["tensors"] if r["encoding"] == "raw-f16")
+    rec["shape"] = [rec["shape"][0] + 1]
+    hb = zlib.compress(json.dumps(header).encode())
+    body = bytes(blob[:10]) + struct.pack("<I", len(hb)) + hb + bytes(blob[14 + hlen : -4])
+    (tmp_path / "bad.dstl").write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    with pytest.raises(CompressedFileError, match="float16 tensor holds"):
+        load_compressed_state_dict(tmp_path / "bad.dstl")
 
 
 def test_bits_per_weight_within_five_percent_of_entropy_bound(tmp_path: Path) -> None:
@@ -205,7 +243,7 @@ def test_report_arithmetic_on_hand_made_case() -> None:
     # fixed width: 24 entries x (3 index + ceil(log2 4) = 2 code bits) = 120 bits = 15 bytes, replacing 15 coded bytes
     assert t["analytic_bytes"] == 200 - 15 + 15
     assert t["entropy_bound_bytes"] == pytest.approx(200 - 15 + (36 + 52) / 8)
-    assert r["uncompressed"] == {"tensors": 2, "params": 10, "bytes": 60}
+    assert r["uncompressed"] == {"tensors": 2, "params": 10, "bytes": 60, "values": 15}
     assert "| fc1.weight | 10x10 | 100 | 20 | 80.00% | 2.00 | 3.00 | 30 |" in report_markdown(r)
 
 

@@ -310,17 +310,21 @@ class GMMPrior(Callback):
             FloatingPointError: on NaN/inf in a weight or the mixture (naming it and the step).
         """
         mix = self.mixture
-        for name, p in mix.named_parameters():
-            self._check_finite(f"mixture parameter {name!r}", p.detach(), step)
+        params = list(self._params.values())
         with torch.no_grad():
-            means, lp, lpi = mix.means.detach(), mix.log_precisions.detach(), mix.log_pis().detach()
-            ranges = []
-            for name, p in self._params.items():
-                lo_hi = torch.aminmax(p.detach().float())
-                if not (math.isfinite(float(lo_hi.min)) and math.isfinite(float(lo_hi.max))):
+            # one host sync for every range and finiteness check (a NaN weight makes its min/max NaN)
+            mix_params = [q.detach().reshape(-1) for q in mix.parameters()]
+            checks = torch.cat([torch.stack(torch.aminmax(p.detach().float())) for p in params]
+                               + [torch.isfinite(torch.cat(mix_params)).all().float().reshape(1)]).tolist()
+            if checks[-1] != 1.0:
+                for name, q in mix.named_parameters():
+                    self._check_finite(f"mixture parameter {name!r}", q.detach(), step)
+            ranges = list(zip(checks[0:-1:2], checks[1:-1:2], strict=True))
+            for name, (lo_, hi_) in zip(self._params, ranges, strict=True):
+                if not (math.isfinite(lo_) and math.isfinite(hi_)):
                     raise FloatingPointError(f"GMMPrior: non-finite value in parameter {name!r} at global step {step}")
-                ranges.append((float(lo_hi.min), float(lo_hi.max)))
-            for p in self._params.values():
+            means, lp, lpi = mix.means.detach(), mix.log_precisions.detach(), mix.log_pis().detach()
+            for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             table: MixtureTable | None = None
@@ -341,9 +345,12 @@ class GMMPrior(Callback):
                     p.grad.add_(g.to(p.grad.dtype), alpha=scale)  # type: ignore[union-attr]
                 nll, gm, gl, gp = res.nll, res.grad_means, res.grad_log_precisions, res.grad_log_pis
         hyper = mix.backward_from_stats(gm, gl, gp, scale)
-        for name, p in mix.named_parameters():
-            self._check_finite(f"the gradient of mixture parameter {name!r}", p.grad, step)  # type: ignore[arg-type]
-        loss = scale * (float(nll) + float(hyper))
+        values = torch.stack([nll.double(), hyper.double()] + [q.grad.detach().double().sum() for q in mix.parameters()
+                                                             if q.grad is not None]).tolist()
+        if not all(math.isfinite(v) for v in values[2:]):
+            for name, q in mix.named_parameters():
+                self._check_finite(f"the gradient of mixture parameter {name!r}", q.grad, step)  # type: ignore[arg-type]
+        loss = scale * (values[0] + values[1])
         if not math.isfinite(loss):
             raise FloatingPointError(f"GMMPrior: non-finite prior loss {loss} at global step {step}")
         self.last_prior_loss = loss

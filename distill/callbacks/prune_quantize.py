@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from distill.callbacks.gmm_prior import GMMPrior
 from distill.compress.kmeans import clusters_for_bits
-from distill.compress.pipeline import deep_compress
+from distill.compress.pipeline import RAW_DTYPES, deep_compress
 from distill.io import run_folder
 
 __all__ = ["PruneQuantize"]
@@ -75,6 +75,8 @@ class PruneQuantize(Callback):
             else the LightningModule itself.
         use_gmm_prior: use a ``GMMPrior`` callback's quantization when one is present.
         evaluate: measure test accuracy (needs ``trainer.datamodule.test_dataloader()``).
+        raw_dtype: ``"float16"`` stores the tensors that are not weight-shared (biases, batch norm) rounded to float16
+            (half the bytes; the reported accuracies include the rounding); ``"float32"`` keeps them exact.
 
     Raises:
         ValueError: on a misconfiguration, naming the argument.
@@ -93,8 +95,11 @@ class PruneQuantize(Callback):
         module_attr: str | None = None,
         use_gmm_prior: bool = True,
         evaluate: bool = True,
+        raw_dtype: str = "float32",
     ) -> None:
         super().__init__()
+        if raw_dtype not in RAW_DTYPES:
+            raise ValueError(f"raw_dtype must be one of {RAW_DTYPES}, got {raw_dtype!r}")
         clusters_for_bits(bits_conv)  # raises with the value if out of range
         clusters_for_bits(bits_fc)
         if quality is not None and sparsity is not None:
@@ -118,6 +123,7 @@ class PruneQuantize(Callback):
         self.module_attr = module_attr
         self.use_gmm_prior = use_gmm_prior
         self.evaluate = evaluate
+        self.raw_dtype = raw_dtype
         self.result: dict[str, Any] | None = None
         self.note: str | None = None
 
@@ -198,6 +204,7 @@ class PruneQuantize(Callback):
             report_dir=folder,
             meta={"codebook_source": "GMMPrior" if gmm is not None else "kmeans", "note": self.note},
             batch_transform=transform,
+            raw_dtype=self.raw_dtype,
         )
         totals = self.result["report"]["totals"]
         if trainer.logger is not None:

@@ -124,6 +124,12 @@ def _compress(argv: list[str]) -> int:
     prune = ap.add_mutually_exclusive_group()
     prune.add_argument("--quality", type=float, help="prune |w| < quality * std(layer) first")
     prune.add_argument("--sparsity", type=float, help="prune each layer to this fraction of zeros first")
+    ap.add_argument(
+        "--raw-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="store biases and batch-norm tensors rounded to float16 (half the bytes; the accuracy includes it)",
+    )
     ap.add_argument("--data", choices=["mnist", "cifar10", "digits"], help="evaluate on this test set")
     ap.add_argument("--data-dir", help="data root (default $DISTILL_DATA)")
     ap.add_argument("--subset-file", help="CIFAR-10 .npz subset")
@@ -144,6 +150,7 @@ def _compress(argv: list[str]) -> int:
         batch_transform=transform,
         report_dir=out.parent,
         meta={"checkpoint": str(ckpt), "network": key},
+        raw_dtype=args.raw_dtype,
     )
     t = result["report"]["totals"]
     print(f"compressed {key} of {ckpt}")

@@ -4,8 +4,9 @@ A file holds the architecture (``class_path``/``init_args``, see :mod:`distill.a
 state dict. Each compressible weight whose values come from a small codebook (after pruning and weight sharing) is
 stored as in Deep Compression (Han, Mao & Dally, ICLR 2016): a codebook (float32, or float16 when exact), and the
 Huffman-coded cluster codes and relative-index gaps of its non-zero entries (:mod:`distill.compress.sparse`,
-:mod:`distill.compress.huffman`). Every other tensor is stored raw. The index width is chosen per tensor to
-minimise its size.
+:mod:`distill.compress.huffman`). Every other tensor is stored raw (since version 3, a float32 tensor whose values
+are all exactly float16 -- e.g. biases rounded by ``deep_compress(raw_dtype="float16")`` -- in 2 bytes per value).
+The index width is chosen per tensor to minimise its size.
 
 Reading never unpickles and never runs code from the file: the header is JSON (zlib-compressed since version 2),
 tensors are raw bytes, and the model class must be an importable ``nn.Module`` subclass. A truncated, corrupted,
@@ -46,12 +47,13 @@ __all__ = [
 ]
 
 MAGIC = b"\x89DSTL\r\n\x1a"  # PNG-style: non-ASCII first byte, CR-LF and ^Z catch text-mode mangling
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 _PREFIX = struct.Struct("<8sHI")  # magic, version, header length
 _CRC = struct.Struct("<I")
 HUFFMAN_SPARSE = "huffman-sparse"
 RAW = "raw"
+RAW_F16 = "raw-f16"  # version 3: a float32 tensor whose every value is exactly a float16, stored in half the bytes
 MAX_CODEBOOK = (1 << 16) - 1
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -165,8 +167,9 @@ def save_compressed(
         arch: architecture description overriding ``arch_spec(model)``.
         meta: JSON-serialisable metadata stored in the header (e.g. bit widths, accuracy).
         max_index_bits: widest relative index considered.
-        version: format version to write: 2 (default: zlib-compressed header, 4-bit code length tables, float16
-            codebooks when exact) or 1 (plain JSON header, 8-bit tables, float32 codebooks).
+        version: format version to write: 3 (default: as 2, and float32 tensors stored raw in float16 when that is
+            exact), 2 (zlib-compressed header, 4-bit code length tables, float16 codebooks when exact) or 1 (plain
+            JSON header, 8-bit tables, float32 codebooks).
 
     Returns:
         The header that was written (with ``file_bytes`` added).
@@ -196,6 +199,10 @@ def save_compressed(
         raw = _raw_bytes(t)
         data = raw
         rec["encoding"] = RAW
+        if version >= 3 and t.dtype == torch.float32 and t.numel() > 0:
+            half = t.detach().cpu().half()
+            if torch.equal(half.float(), t.detach().cpu()):  # lossless only: bit-identical after decoding
+                rec["encoding"], data = RAW_F16, _raw_bytes(half)
         if name in names and t.dtype == torch.float32:
             enc = _encode_weight(t, max_index_bits, version)
             if enc is not None and len(enc[1]) < len(raw):
@@ -277,6 +284,13 @@ def _decode_record(rec: Mapping[str, Any], data: memoryview) -> torch.Tensor:
     dtype = _DTYPES[rec["dtype"]]
     shape = [int(s) for s in rec["shape"]]
     numel = int(np.prod(shape)) if shape else 1
+    if rec["encoding"] == RAW_F16:
+        if dtype != torch.float32:
+            raise ValueError(f"encoding {RAW_F16!r} is only defined for float32 tensors, not {rec['dtype']}")
+        if len(data) != 2 * numel:
+            raise ValueError(f"float16 tensor holds {len(data)} bytes, expected {2 * numel}")
+        half = np.frombuffer(data, dtype="<f2", count=numel)
+        return torch.from_numpy(half.astype(np.float32)).reshape(shape)
     if rec["encoding"] == RAW:
         itemsize = torch.empty(0, dtype=dtype).element_size()
         if len(data) != numel * itemsize:

@@ -18,11 +18,15 @@ from torch import nn
 
 from distill.arch import ArchitectureError
 from distill.compress.fileformat import decode_into, load_compressed, save_compressed
+from distill.compress.params import compressible_parameters
 from distill.compress.quantize import finetune_centroids, quantize_model, shared_from_weights
 from distill.compress.report import compression_report, write_report
 from distill.io import atomic_write_json
 
-__all__ = ["deep_compress", "evaluate_accuracy", "write_json"]
+__all__ = ["RAW_DTYPES", "deep_compress", "evaluate_accuracy", "round_raw_tensors", "write_json"]
+
+RAW_DTYPES = ("float32", "float16")
+_F16_MAX = float(torch.finfo(torch.float16).max)
 
 
 @torch.no_grad()
@@ -77,6 +81,28 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_json(path, obj, indent=2)
 
 
+@torch.no_grad()
+def round_raw_tensors(net: nn.Module, keep: Iterable[str] = ()) -> list[str]:
+    """Round every float32 tensor of ``net``'s state dict except ``keep`` to the nearest float16, in place.
+
+    The file format stores such tensors in 2 bytes per value (``raw-f16``); biases and batch-norm statistics are
+    ~30% of a 200x-compressed LeNet file in float32. A tensor with a value beyond float16's range stays float32.
+
+    Returns:
+        The names of the rounded tensors.
+    """
+    skip = set(keep)
+    rounded = []
+    for name, t in net.state_dict(keep_vars=True).items():
+        if name in skip or t.dtype != torch.float32 or t.numel() == 0:
+            continue
+        if float(t.detach().abs().max()) > _F16_MAX:
+            continue
+        t.data.copy_(t.detach().half().float())
+        rounded.append(name)
+    return rounded
+
+
 def deep_compress(
     net: nn.Module,
     path: str | os.PathLike[str],
@@ -95,6 +121,7 @@ def deep_compress(
     report_dir: str | os.PathLike[str] | None = None,
     meta: dict[str, Any] | None = None,
     batch_transform: Callable[[Any], Any] | None = None,
+    raw_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Quantize ``net`` in place, write it to ``path``, read it back, and report sizes and accuracies.
 
@@ -117,6 +144,9 @@ def deep_compress(
         report_dir: where ``compression_report.json``/``.md`` and ``accuracy.json`` go (default: the file's folder).
         meta: extra metadata for the file header.
         batch_transform: applied to every batch on the device (e.g. normalisation in ``on_after_batch_transfer``).
+        raw_dtype: ``"float16"`` rounds the tensors that are not weight-shared (biases, batch-norm parameters and
+            statistics) to float16 after fine-tuning, so the file stores them in half the bytes; the ``quantized``
+            and ``decoded`` accuracies include the rounding. ``"float32"`` (default) keeps them exact.
 
     Returns:
         ``{"accuracy": {"before", "quantized", "decoded"}, "report": ..., "paths": {...}}``.
@@ -124,6 +154,8 @@ def deep_compress(
     Raises:
         RuntimeError: if the decoded weights differ from the in-memory quantized ones (never expected).
     """
+    if raw_dtype not in RAW_DTYPES:
+        raise ValueError(f"raw_dtype must be one of {RAW_DTYPES}, got {raw_dtype!r}")
     p = next(net.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
 
@@ -143,8 +175,11 @@ def deep_compress(
     if finetune_epochs > 0 and finetune_loader is not None:
         batches = _Reiterable(finetune_loader, device, batch_transform)
         finetune_centroids(net, shared, batches, finetune_epochs, finetune_lr, max_batches=finetune_batches)
+    if raw_dtype == "float16":
+        round_raw_tensors(net, keep=compressible_parameters(net))
     quantized = test_accuracy(net)
     info: dict[str, Any] = {"bits_conv": bits_conv, "bits_fc": bits_fc, "quality": quality, "sparsity": sparsity}
+    info["raw_dtype"] = raw_dtype
     info["codebooks"] = "given" if already_shared else "kmeans"
     save_compressed(net, path, meta={**info, **(meta or {})})
     try:

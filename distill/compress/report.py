@@ -106,6 +106,7 @@ def build_report(stats: Sequence[TensorStats], file_bytes: int) -> dict[str, Any
             "tensors": len(others),
             "params": sum(s.params for s in others if s.param),
             "bytes": sum(s.record_bytes for s in others),
+            "values": sum(s.params for s in others),
         },
         "totals": totals,
     }
@@ -169,7 +170,8 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"| {r['bits_per_weight']:.2f} | {r['bits_per_index']:.2f} | {r['bytes']:,} |"
         )
     u = report["uncompressed"]
-    lines.append(f"| other ({u['tensors']} raw tensors) | | {u['params']:,} | | | 32 | | {u['bytes']:,} |")
+    bits = 8.0 * u["bytes"] / u["values"] if u.get("values") else 32.0
+    lines.append(f"| other ({u['tensors']} raw tensors) | | {u['params']:,} | | | {bits:.0f} | | {u['bytes']:,} |")
     t = report["totals"]
     lines += [
         "",
