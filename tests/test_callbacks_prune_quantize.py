@@ -185,3 +185,31 @@ def test_commands_reject_bad_paths(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "not a distill compressed file" in capsys.readouterr().err
     assert evaluate_main([str(tmp_path / "missing.dstl"), "--data", "digits"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_every_compression_callback_picks_the_same_network() -> None:
+    """One rule (``network_of``): the student, else ``model``, else the module; adapters and teachers never."""
+    from distill.callbacks import FigureLogger
+    from distill.compress.params import network_of
+
+    class WithAdapters(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = MLP(64, (16,), 10)
+            self.adapters = nn.ModuleList([nn.Linear(16, 32)])
+            self.model = MLP(64, (8,), 10)  # a second network: the student wins
+
+    module = WithAdapters()
+    assert network_of(module) == (module.student, "student.")
+    expected = {"student.fc1.weight", "student.fc2.weight"}
+    assert set(GMMPrior().filter_parameters(module)) == expected
+    assert set(MagnitudePruning(quality=1.0).filter_parameters(module)) == expected
+    assert PruneQuantize().network(module) is module.student
+    assert set(FigureLogger().filter_parameters(module)) == {"fc1.weight", "fc2.weight"}
+    assert PruneQuantize(module_attr="model").network(module) is module.model
+    plain = PlainDigits()
+    assert network_of(plain) == (plain.model, "model.")
+    bare = nn.Sequential(nn.Linear(4, 2))
+    assert network_of(bare) == (bare, "")
+    with pytest.raises(ValueError, match="module_attr='head' is not an nn.Module"):
+        network_of(module, "head")

@@ -19,7 +19,7 @@ from torch import nn
 from typing_extensions import override
 
 from distill import plots
-from distill.compress.params import compressible_parameters
+from distill.compress.params import compressible_parameters, network_of
 from distill.io import atomic_savez, run_folder
 
 __all__ = ["FigureLogger", "default_compressible_parameters"]
@@ -88,9 +88,9 @@ class FigureLogger(Callback):
     # ---------------------------------------------------------------------------------------------------------------
     def filter_parameters(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         """The weights drawn (figure 1) and searched for the feature layer: the default compressible parameters of
-        ``pl_module.student`` when the module has one, else of the module. Override to choose others."""
-        root = getattr(pl_module, "student", None)
-        return default_compressible_parameters(root if isinstance(root, nn.Module) else pl_module)
+        the network :func:`distill.compress.params.network_of` picks (``.student``, else ``.model``, else the
+        module). Override to choose others."""
+        return default_compressible_parameters(network_of(pl_module)[0])
 
     def run_dir(self, trainer: pl.Trainer) -> Path:
         """The run folder: ``trainer.log_dir``, else ``trainer.default_root_dir``."""

@@ -43,7 +43,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from typing_extensions import override
 
-from distill.compress.params import compressible_parameters
+from distill.compress.params import compressible_parameters, network_of
 from distill.io import atomic_savez, atomic_write_json, run_folder
 from distill.priors import (
     GaussianMixturePrior,
@@ -192,11 +192,14 @@ class GMMPrior(Callback):
 
     # -- extension points ----------------------------------------------------------------------------------------------
     def filter_parameters(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
-        """The parameters to compress, by dotted name. Default: the ``weight`` of every Linear and Conv layer.
+        """The parameters to compress, by dotted name. Default: the ``weight`` of every Linear and Conv layer of the
+        network :func:`distill.compress.params.network_of` picks (``.student``, else ``.model``, else the module), so
+        a Distiller's FitNets adapters are not clustered.
 
         Override in a subclass to choose others (biases and normalisation layers stay full precision by default).
         """
-        return {name: p for name, p in compressible_parameters(pl_module).items() if p.requires_grad}
+        net, prefix = network_of(pl_module)
+        return {prefix + name: p for name, p in compressible_parameters(net).items() if p.requires_grad}
 
     def current_tau(self, epoch: int) -> float:
         """``tau`` at ``epoch`` (the function or value, times the warm-up ramp)."""

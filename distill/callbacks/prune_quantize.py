@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from distill.callbacks.gmm_prior import GMMPrior
 from distill.compress.kmeans import clusters_for_bits
+from distill.compress.params import network_of
 from distill.compress.pipeline import RAW_DTYPES, deep_compress
 from distill.io import run_folder
 
@@ -129,16 +130,7 @@ class PruneQuantize(Callback):
 
     def network(self, pl_module: pl.LightningModule) -> nn.Module:
         """The network to compress (see ``module_attr``)."""
-        if self.module_attr is not None:
-            net = getattr(pl_module, self.module_attr, None)
-            if not isinstance(net, nn.Module):
-                raise ValueError(f"module_attr={self.module_attr!r} is not an nn.Module of {type(pl_module).__name__}")
-            return net
-        for attr in ("student", "model"):
-            net = getattr(pl_module, attr, None)
-            if isinstance(net, nn.Module):
-                return net
-        return pl_module
+        return network_of(pl_module, self.module_attr)[0]
 
     def _loader(self, trainer: pl.Trainer, kind: str) -> Any | None:
         dm = getattr(trainer, "datamodule", None)

@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from distill.compress.params import compressible_parameters
+from distill.compress.params import compressible_parameters, network_of
 from distill.compress.pipeline import write_json
 from distill.compress.pruning import prune_mask
 from distill.io import run_folder
@@ -117,20 +117,17 @@ class MagnitudePruning(Callback):
 
     # ------------------------------------------------------------------ extension points
     def filter_parameters(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
-        """The parameters to prune: ``parameter_names``, else the trainable Linear/Conv weights (of ``.student``
-        when the module has one, so a frozen teacher is never pruned)."""
+        """The parameters to prune: ``parameter_names``, else the trainable Linear/Conv weights of the network that
+        :func:`distill.compress.params.network_of` picks (``.student``, else ``.model``, else the module: a frozen
+        teacher or FitNets adapters are never pruned)."""
         named = dict(pl_module.named_parameters())
         if self.parameter_names is not None:
             missing = [n for n in self.parameter_names if n not in named]
             if missing:
                 raise ValueError(f"parameter_names {missing} are not parameters of {type(pl_module).__name__}")
             return {n: named[n] for n in self.parameter_names}
-        student = getattr(pl_module, "student", None)
-        if isinstance(student, nn.Module):
-            params = {f"student.{n}": p for n, p in compressible_parameters(student).items()}
-        else:
-            params = compressible_parameters(pl_module)
-        return {n: p for n, p in params.items() if p.requires_grad}
+        net, prefix = network_of(pl_module)
+        return {prefix + n: p for n, p in compressible_parameters(net).items() if p.requires_grad}
 
     def should_prune(self, epoch: int) -> bool:
         """Whether a pruning iteration starts at ``epoch`` (never twice at one epoch, e.g. after resume)."""

@@ -10,9 +10,37 @@ from typing import Literal
 
 from torch import nn
 
-__all__ = ["COMPRESSIBLE_TYPES", "compressible_parameters", "parameter_kinds"]
+__all__ = ["COMPRESSIBLE_TYPES", "NETWORK_ATTRS", "compressible_parameters", "network_of", "parameter_kinds"]
 
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+NETWORK_ATTRS = ("student", "model")
+
+
+def network_of(module: nn.Module, attr: str | None = None) -> tuple[nn.Module, str]:
+    """The network that the compression callbacks work on inside a LightningModule, and its parameter-name prefix.
+
+    One rule for ``GMMPrior``, ``MagnitudePruning``, ``PruneQuantize`` and ``FigureLogger``: ``module.<attr>`` when
+    ``attr`` is given, else ``module.student`` (a ``Distiller``: never the frozen teacher nor the FitNets adapters,
+    which are not exported), else ``module.model`` (a ``Classifier`` or a user module holding its network there),
+    else the module itself.
+
+    Returns:
+        ``(network, prefix)`` with ``prefix`` = ``"student."``, ``"model."``, ``"<attr>."`` or ``""``, so that
+        ``prefix + name`` is the parameter's name in ``module.named_parameters()``.
+
+    Raises:
+        ValueError: if ``attr`` is given and ``module.<attr>`` is not an ``nn.Module``.
+    """
+    if attr is not None:
+        net = getattr(module, attr, None)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"module_attr={attr!r} is not an nn.Module attribute of {type(module).__name__}")
+        return net, f"{attr}."
+    for name in NETWORK_ATTRS:
+        net = getattr(module, name, None)
+        if isinstance(net, nn.Module) and net is not module:
+            return net, f"{name}."
+    return module, ""
 
 
 def compressible_parameters(
