@@ -74,7 +74,7 @@ def test_unquantized_weight_is_stored_raw_and_exact(tmp_path: Path) -> None:
     header = read_header(tmp_path / "m.dstl")
     enc = {r["name"]: r["encoding"] for r in header["tensors"]}
     assert enc["fc1.weight"] == enc["fc2.weight"] == "raw"  # codebook coding would not be smaller
-    assert enc["fc1.bias"] == "raw-f16"  # all zeros: exactly float16
+    assert enc["fc1.bias"] == "raw-sparse"  # all zeros: the bitmap alone
     assert torch.equal(load_compressed(tmp_path / "m.dstl").fc1.weight, model.fc1.weight)
 
 

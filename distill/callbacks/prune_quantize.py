@@ -76,6 +76,8 @@ class PruneQuantize(Callback):
             else the LightningModule itself.
         use_gmm_prior: use a ``GMMPrior`` callback's quantization when one is present.
         evaluate: measure test accuracy (needs ``trainer.datamodule.test_dataloader()``).
+        clear_dead_units: zero the weights and biases of hidden units left without inputs or outputs (exact; see
+            :func:`distill.compress.structure.remove_dead_units`).
         raw_dtype: ``"float16"`` stores the tensors that are not weight-shared (biases, batch norm) rounded to float16
             (half the bytes; the reported accuracies include the rounding); ``"float32"`` keeps them exact.
 
@@ -97,6 +99,7 @@ class PruneQuantize(Callback):
         use_gmm_prior: bool = True,
         evaluate: bool = True,
         raw_dtype: str = "float32",
+        clear_dead_units: bool = True,
     ) -> None:
         super().__init__()
         if raw_dtype not in RAW_DTYPES:
@@ -125,6 +128,7 @@ class PruneQuantize(Callback):
         self.use_gmm_prior = use_gmm_prior
         self.evaluate = evaluate
         self.raw_dtype = raw_dtype
+        self.clear_dead_units = clear_dead_units
         self.result: dict[str, Any] | None = None
         self.note: str | None = None
 
@@ -197,6 +201,7 @@ class PruneQuantize(Callback):
             meta={"codebook_source": "GMMPrior" if gmm is not None else "kmeans", "note": self.note},
             batch_transform=transform,
             raw_dtype=self.raw_dtype,
+            clear_dead_units=self.clear_dead_units,
         )
         totals = self.result["report"]["totals"]
         if trainer.logger is not None:

@@ -3,7 +3,7 @@
 Pure maths lives in :mod:`~distill.compress.pruning`, :mod:`~distill.compress.kmeans`,
 :mod:`~distill.compress.huffman` and :mod:`~distill.compress.sparse`; the file format in
 :mod:`~distill.compress.fileformat` (documented in ``docs/FORMAT.md``); the size report in
-:mod:`~distill.compress.report`.
+:mod:`~distill.compress.report`; the exact clean-up of dead hidden units in :mod:`~distill.compress.structure`.
 """
 
 from distill.compress.fileformat import (
@@ -17,6 +17,7 @@ from distill.compress.fileformat import (
 from distill.compress.params import compressible_parameters, parameter_kinds
 from distill.compress.quantize import SharedWeights, apply_codebooks, finetune_centroids, quantize_model
 from distill.compress.report import compression_report, report_markdown, write_report
+from distill.compress.structure import remove_dead_units
 
 __all__ = [
     "CompressedFileError",
@@ -31,6 +32,7 @@ __all__ = [
     "parameter_kinds",
     "quantize_model",
     "read_header",
+    "remove_dead_units",
     "report_markdown",
     "save_compressed",
     "write_report",

@@ -54,6 +54,7 @@ _CRC = struct.Struct("<I")
 HUFFMAN_SPARSE = "huffman-sparse"
 RAW = "raw"
 RAW_F16 = "raw-f16"  # version 3: a float32 tensor whose every value is exactly a float16, stored in half the bytes
+RAW_SPARSE = "raw-sparse"  # version 3: a float32 tensor with many zeros: non-zero bitmap + the non-zero values
 MAX_CODEBOOK = (1 << 16) - 1
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -86,6 +87,27 @@ def _raw_bytes(t: torch.Tensor) -> bytes:
     if flat.numel() == 0:
         return b""
     return flat.view(torch.uint8).numpy().tobytes()  # little-endian on every platform torch supports
+
+
+def _encode_raw_v3(t: torch.Tensor) -> tuple[dict[str, Any], bytes]:
+    """The smallest lossless version-3 raw record of a float32 tensor: ``raw``, ``raw-f16`` or ``raw-sparse``.
+
+    ``raw-f16`` when every value is exactly a float16; ``raw-sparse`` (a bit per value saying non-zero, then the
+    non-zero values in float16 when exact, else float32) when zeros make that smaller, e.g. the biases of hidden units
+    that :func:`distill.compress.structure.remove_dead_units` cleared.
+    """
+    flat = t.detach().cpu().reshape(-1)
+    half = flat.half()
+    exact16 = bool(torch.equal(half.float(), flat))
+    dense = (RAW_F16, _raw_bytes(half)) if exact16 else (RAW, _raw_bytes(flat))
+    nz = flat != 0
+    values = (half if exact16 else flat)[nz]
+    bitmap = np.packbits(nz.numpy(), bitorder="little").tobytes()
+    sparse = bitmap + _raw_bytes(values)
+    if len(sparse) < len(dense[1]):
+        rec = {"encoding": RAW_SPARSE, "nonzero": int(nz.sum()), "value_dtype": "float16" if exact16 else "float32"}
+        return rec, sparse
+    return {"encoding": dense[0]}, dense[1]
 
 
 def _encode_weight(t: torch.Tensor, max_index_bits: int, version: int) -> tuple[dict[str, Any], bytes] | None:
@@ -200,9 +222,8 @@ def save_compressed(
         data = raw
         rec["encoding"] = RAW
         if version >= 3 and t.dtype == torch.float32 and t.numel() > 0:
-            half = t.detach().cpu().half()
-            if torch.equal(half.float(), t.detach().cpu()):  # lossless only: bit-identical after decoding
-                rec["encoding"], data = RAW_F16, _raw_bytes(half)
+            rec_extra, data = _encode_raw_v3(t)
+            rec.update(rec_extra)
         if name in names and t.dtype == torch.float32:
             enc = _encode_weight(t, max_index_bits, version)
             if enc is not None and len(enc[1]) < len(raw):
@@ -284,6 +305,22 @@ def _decode_record(rec: Mapping[str, Any], data: memoryview) -> torch.Tensor:
     dtype = _DTYPES[rec["dtype"]]
     shape = [int(s) for s in rec["shape"]]
     numel = int(np.prod(shape)) if shape else 1
+    if rec["encoding"] == RAW_SPARSE:
+        if dtype != torch.float32:
+            raise ValueError(f"encoding {RAW_SPARSE!r} is only defined for float32 tensors, not {rec['dtype']}")
+        value_dtype = {"float16": "<f2", "float32": "<f4"}.get(rec.get("value_dtype", ""))
+        if value_dtype is None:
+            raise ValueError(f"unknown value_dtype {rec.get('value_dtype')!r} of a {RAW_SPARSE!r} record")
+        nbitmap = (numel + 7) // 8
+        nonzero = int(rec["nonzero"])
+        if len(data) != nbitmap + nonzero * np.dtype(value_dtype).itemsize:
+            raise ValueError(f"sparse tensor holds {len(data)} bytes, expected {nbitmap} + {nonzero} values")
+        mask = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=nbitmap), count=numel, bitorder="little")
+        if int(mask.sum()) != nonzero:
+            raise ValueError(f"sparse tensor's bitmap marks {int(mask.sum())} non-zeros, the record says {nonzero}")
+        out = np.zeros(numel, dtype=np.float32)
+        out[mask.astype(bool)] = np.frombuffer(data, dtype=value_dtype, offset=nbitmap, count=nonzero)
+        return torch.from_numpy(out).reshape(shape)
     if rec["encoding"] == RAW_F16:
         if dtype != torch.float32:
             raise ValueError(f"encoding {RAW_F16!r} is only defined for float32 tensors, not {rec['dtype']}")

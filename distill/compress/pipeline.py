@@ -21,6 +21,7 @@ from distill.compress.fileformat import decode_into, load_compressed, save_compr
 from distill.compress.params import compressible_parameters
 from distill.compress.quantize import finetune_centroids, quantize_model, shared_from_weights
 from distill.compress.report import compression_report, write_report
+from distill.compress.structure import remove_dead_units
 from distill.io import atomic_write_json
 
 __all__ = ["RAW_DTYPES", "deep_compress", "evaluate_accuracy", "round_raw_tensors", "write_json"]
@@ -122,6 +123,7 @@ def deep_compress(
     meta: dict[str, Any] | None = None,
     batch_transform: Callable[[Any], Any] | None = None,
     raw_dtype: str = "float32",
+    clear_dead_units: bool = True,
 ) -> dict[str, Any]:
     """Quantize ``net`` in place, write it to ``path``, read it back, and report sizes and accuracies.
 
@@ -147,6 +149,9 @@ def deep_compress(
         raw_dtype: ``"float16"`` rounds the tensors that are not weight-shared (biases, batch-norm parameters and
             statistics) to float16 after fine-tuning, so the file stores them in half the bytes; the ``quantized``
             and ``decoded`` accuracies include the rounding. ``"float32"`` (default) keeps them exact.
+        clear_dead_units: after sharing, zero the weights and biases of hidden units that pruning left without
+            inputs or outputs in ``Linear -> ReLU -> Linear`` chains (:func:`distill.compress.structure.
+            remove_dead_units`; the network's function is unchanged, the file gets smaller).
 
     Returns:
         ``{"accuracy": {"before", "quantized", "decoded"}, "report": ..., "paths": {...}}``.
@@ -175,10 +180,13 @@ def deep_compress(
     if finetune_epochs > 0 and finetune_loader is not None:
         batches = _Reiterable(finetune_loader, device, batch_transform)
         finetune_centroids(net, shared, batches, finetune_epochs, finetune_lr, max_batches=finetune_batches)
+    info: dict[str, Any] = {"bits_conv": bits_conv, "bits_fc": bits_fc, "quality": quality, "sparsity": sparsity}
+    if clear_dead_units:
+        dead = remove_dead_units(net)
+        info["dead_units"] = {"unused": dead.unused, "constant": dead.constant, "weights_zeroed": dead.weights_zeroed}
     if raw_dtype == "float16":
         round_raw_tensors(net, keep=compressible_parameters(net))
     quantized = test_accuracy(net)
-    info: dict[str, Any] = {"bits_conv": bits_conv, "bits_fc": bits_fc, "quality": quality, "sparsity": sparsity}
     info["raw_dtype"] = raw_dtype
     info["codebooks"] = "given" if already_shared else "kmeans"
     save_compressed(net, path, meta={**info, **(meta or {})})
