@@ -16,11 +16,13 @@ from distill.arch import arch_spec, build_module
 
 __all__ = [
     "FastSetattrMixin",
+    "PairTransferMixin",
     "as_module",
     "configure_optimizers",
     "save_arch_hparams",
     "save_hparams",
     "should_log_step",
+    "transfer_pair",
 ]
 
 
@@ -97,3 +99,24 @@ def save_arch_hparams(module: pl.LightningModule, **networks: nn.Module) -> None
     for name, net in networks.items():
         if not isinstance(module.hparams.get(name), Mapping):
             module.hparams[name] = arch_spec(net)
+
+
+def transfer_pair(batch: Any, device: torch.device) -> Any | None:
+    """An ``(x, y)`` tuple/list of two tensors moved to ``device``; ``None`` for any other batch.
+
+    Lightning's generic transfer walks the batch as a nested collection (~0.5 ms a step on a CPU, a tenth of a
+    LeNet-300-100 step); distill's loaders only ever yield a pair of tensors.
+    """
+    if type(batch) in (tuple, list) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
+        return type(batch)(t.to(device, non_blocking=True) for t in batch)
+    return None
+
+
+class PairTransferMixin:
+    """``transfer_batch_to_device`` with :func:`transfer_pair`'s fast path for ``(x, y)`` batches."""
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        moved = transfer_pair(batch, device)
+        if moved is not None:
+            return moved
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]
