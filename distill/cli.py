@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = _extra_command(args[0])(args[1:])
         raise SystemExit(code or 0)
     torch.set_float32_matmul_precision("high")
-    DistillCLI(args=args)
+    # args=None when reading the command line: LightningCLI warns when given both args and a non-empty sys.argv
+    DistillCLI(args=None if argv is None else args)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,23 @@ def test_last_checkpoint_follows_every_epoch(tmp_path: Path, monkeypatch: pytest
     ckpts = tmp_path / "runs" / "quickstart_teacher" / "checkpoints"
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 2
     assert [p.name.startswith("best-epoch000") for p in ckpts.glob("best-*")] == [True]
+
+
+def test_command_line_entry_point_reads_argv_without_warnings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``distill fit ...`` from the shell: LightningCLI reads sys.argv itself (no 'args and sys.argv' warning)."""
+    import sys
+    import warnings
+
+    from distill.cli import main
+
+    config = REPO / "configs" / "quickstart" / "teacher.yaml"
+    monkeypatch.setattr(sys, "argv", ["distill", "fit", "-c", str(config), "--print_config"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    assert exit_info.value.code in (0, None)
+    assert "max_epochs" in capsys.readouterr().out
+    assert not [w for w in caught if "args parameter" in str(w.message)]
