@@ -17,6 +17,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from distill.module_utils import transfer_pair
+
 __all__ = [
     "CIFAR10DataModule",
     "DataNotFoundError",
@@ -137,6 +139,17 @@ class InMemoryDataModule(pl.LightningDataModule):
             collate_fn=_as_is,
             persistent_workers=self.num_workers > 0,
         )
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """The ``(x, y)`` tensor pairs of these loaders go straight to the device (see ``transfer_pair``).
+
+        Here and not in the LightningModules: Lightning warns when a module overrides this hook and a data module
+        is used, and distill's modules run with any data.
+        """
+        moved = transfer_pair(batch, device)
+        if moved is not None:
+            return moved
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

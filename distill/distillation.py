@@ -48,7 +48,6 @@ from distill.io import atomic_path
 from distill.losses import feature_mse, kd_kl, softmax_mse, weighted_distillation
 from distill.module_utils import (
     FastSetattrMixin,
-    PairTransferMixin,
     as_module,
     configure_optimizers,
     save_arch_hparams,
@@ -206,7 +205,7 @@ def _adapter_key(student_path: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class Distiller(FastSetattrMixin, PairTransferMixin, pl.LightningModule):
+class Distiller(FastSetattrMixin, pl.LightningModule):
     """Train a student network to mimic a frozen teacher.
 
     Logs ``train/loss`` (the optimised total), ``train/distill_loss``, ``train/ce_loss`` (when ``alpha > 0``),

@@ -16,7 +16,6 @@ from distill.arch import arch_spec, build_module
 
 __all__ = [
     "FastSetattrMixin",
-    "PairTransferMixin",
     "as_module",
     "configure_optimizers",
     "save_arch_hparams",
@@ -111,12 +110,3 @@ def transfer_pair(batch: Any, device: torch.device) -> Any | None:
         return type(batch)(t.to(device, non_blocking=True) for t in batch)
     return None
 
-
-class PairTransferMixin:
-    """``transfer_batch_to_device`` with :func:`transfer_pair`'s fast path for ``(x, y)`` batches."""
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        moved = transfer_pair(batch, device)
-        if moved is not None:
-            return moved
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]

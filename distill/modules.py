@@ -17,7 +17,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from distill.module_utils import (
     FastSetattrMixin,
-    PairTransferMixin,
     as_module,
     configure_optimizers,
     save_arch_hparams,
@@ -37,7 +36,7 @@ __all__ = [
 ]
 
 
-class Classifier(FastSetattrMixin, PairTransferMixin, pl.LightningModule):
+class Classifier(FastSetattrMixin, pl.LightningModule):
     """Train any network on labels with cross-entropy (the teacher, or a student's label-only baseline).
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.

@@ -48,3 +48,19 @@ def test_classifier_rejects_non_module() -> None:
 
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         Classifier(model=42)  # type: ignore[arg-type]
+
+
+def test_fit_with_a_data_module_warns_about_no_batch_hook(trainer_kwargs: dict[str, Any]) -> None:
+    """The fast (x, y) transfer lives in the data module only: no 'overridden in both' warning on every run."""
+    import warnings
+
+    from distill.distillation import Distiller
+
+    teacher = MLP(64, (16,), 10)
+    for module in (Classifier(MLP(64, (16,), 10)), Distiller(MLP(64, (16,), 10), teacher)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pl.Trainer(**{**trainer_kwargs, "limit_train_batches": 2, "limit_val_batches": 1}).fit(
+                module, DigitsDataModule(batch_size=32)
+            )
+        assert not [w for w in caught if "transfer_batch_to_device" in str(w.message)]
