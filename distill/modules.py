@@ -48,6 +48,9 @@ class Classifier(FastSetattrMixin, pl.LightningModule):
         num_classes: number of classes for the accuracy metrics.
     """
 
+    train_correct: torch.Tensor
+    train_seen: torch.Tensor
+
     def __init__(
         self,
         model: nn.Module,
