@@ -309,3 +309,17 @@ def test_sws_configs_parse(name: str) -> None:
     assert kinds.index("LoadWeights") < kinds.index("GMMPrior")
     gmm = next(c for c in cli.trainer.callbacks if isinstance(c, GMMPrior))
     assert gmm.num_components == 16 and gmm.tau == 0.005
+
+
+def test_kmeans_initial_means_sit_where_the_weights_are() -> None:
+    torch.manual_seed(0)
+    w = [torch.cat([torch.randn(5000) * 0.01, torch.randn(500) * 0.02 + 0.3, torch.randn(500) * 0.02 - 0.3])]
+    cb = GMMPrior(num_components=4, init_means="kmeans")
+    means = cb._initial_means(w)
+    assert means.shape == (4,) and torch.all(means[1:] > means[:-1])
+    assert (means.abs() > 0.02).all()  # the cluster at zero belongs to the zero component
+    assert ((means - 0.3).abs() < 0.05).any() and ((means + 0.3).abs() < 0.05).any()
+    spread = GMMPrior(num_components=4)._initial_means(w)  # "range": evenly over [min, max]
+    torch.testing.assert_close(spread, torch.linspace(float(w[0].min()), float(w[0].max()), 4))
+    with pytest.raises(ValueError, match="init_means must be 'range' or 'kmeans'"):
+        GMMPrior(init_means="quantiles")

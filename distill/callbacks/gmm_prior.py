@@ -43,6 +43,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from typing_extensions import override
 
+from distill.compress.kmeans import kmeans_1d
 from distill.compress.params import compressible_parameters, network_of
 from distill.io import atomic_savez, atomic_write_json, run_folder
 from distill.priors import (
@@ -91,6 +92,9 @@ class GMMPrior(Callback):
         gamma_zero: ``(alpha, beta)`` of the Gamma hyper-prior on the zero component's precision, or ``None``.
         gamma: ``(alpha, beta)`` of the Gamma hyper-prior on the other precisions, or ``None``.
         init_std: initial standard deviation of the components.
+        init_means: ``"range"`` (evenly spaced over the weights' range, as in the paper's tutorial) or ``"kmeans"``
+            (the centroids of a 1-D k-means with ``J + 1`` clusters over all compressed weights, without the one
+            nearest zero, which the zero component takes: the components start where the weights are).
         lr_means, lr_log_precisions, lr_mixing: Adam learning rates of the mixture's parameter groups.
         method: ``"table"`` (interpolated, fast), ``"exact"`` (chunked, ``J+1`` times the work) or ``"auto"``
             (the table, unless the weights are fewer than its points or the mixture's narrowest component would need
@@ -118,6 +122,7 @@ class GMMPrior(Callback):
         gamma_zero: tuple[float, float] | None = (5000.0, 2.0),
         gamma: tuple[float, float] | None = (250.0, 0.1),
         init_std: float = 0.25,
+        init_means: str = "range",
         lr_means: float = 1e-4,
         lr_log_precisions: float = 3e-3,
         lr_mixing: float = 3e-3,
@@ -152,6 +157,8 @@ class GMMPrior(Callback):
             raise ValueError(f"merge_criterion must be 'kl' or 'mean', got {merge_criterion!r}")
         if not merge_threshold >= 0:
             raise ValueError(f"merge_threshold must be >= 0, got {merge_threshold!r}")
+        if init_means not in ("range", "kmeans"):
+            raise ValueError(f"init_means must be 'range' or 'kmeans', got {init_means!r}")
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
         if log_every_n_steps is not None and log_every_n_steps < 1:
@@ -162,6 +169,7 @@ class GMMPrior(Callback):
         self.dataset_size = dataset_size
         self.lrs = {"means": float(lr_means), "log_precisions": float(lr_log_precisions), "mixing": float(lr_mixing)}
         self.method = method
+        self.init_means = init_means
         self.grid_spacing = float(grid_spacing)
         self.merge_threshold = float(merge_threshold)
         self.merge_criterion = merge_criterion
@@ -184,6 +192,7 @@ class GMMPrior(Callback):
         self.last_prior_loss: float | None = None
         self.num_weights = 0
         self._params: dict[str, nn.Parameter] = {}
+        self._workspace: dict[str, torch.Tensor] = {}  # MixtureTable's scratch tensors, reused every step
         self._pending_state: dict[str, Any] | None = None
         self._run_dir: Path | None = None
         self._initial: np.ndarray | None = None
@@ -241,11 +250,7 @@ class GMMPrior(Callback):
                 p.data = p.data.clone()
         if not self.initialized:
             with torch.no_grad():
-                lo = min(float(p.min()) for p in params.values())
-                hi = max(float(p.max()) for p in params.values())
-                j = self.num_components
-                means = torch.linspace(lo, hi, j) if j > 1 else torch.tensor([0.5 * (lo + hi)])
-                self.mixture.free_means.copy_(means)
+                self.mixture.free_means.copy_(self._initial_means(list(params.values())))
         self.optimizer = self._build_optimizer()
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
@@ -254,6 +259,18 @@ class GMMPrior(Callback):
         self.initialized = True
         if self.save_weights and self._initial is None:
             self._initial = self._flat_weights()  # on resume: the weights at resume time
+
+    def _initial_means(self, params: list[torch.Tensor]) -> torch.Tensor:
+        j = self.num_components
+        if self.init_means == "kmeans":
+            w = torch.cat([p.detach().reshape(-1).float().cpu() for p in params]).numpy()
+            centroids, _ = kmeans_1d(w, j + 1)
+            centroids = np.delete(centroids, int(np.argmin(np.abs(centroids))))  # the zero component's place
+            if centroids.size == j:
+                return torch.from_numpy(np.sort(centroids)).float()
+        lo = min(float(p.min()) for p in params)
+        hi = max(float(p.max()) for p in params)
+        return torch.linspace(lo, hi, j) if j > 1 else torch.tensor([0.5 * (lo + hi)])
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -334,7 +351,7 @@ class GMMPrior(Callback):
             if self._use_table():
                 lo = min(r[0] for r in ranges)
                 hi = max(r[1] for r in ranges)
-                table = MixtureTable(means, lp, lpi, lo, hi, spacing=self.grid_spacing)
+                table = MixtureTable(means, lp, lpi, lo, hi, spacing=self.grid_spacing, workspace=self._workspace)
                 if self.method == "auto" and table.needed > table.size:
                     table = None  # too narrow a component for the grid: exact (slower) rather than inaccurate
             if table is not None:
