@@ -308,7 +308,9 @@ def test_sws_configs_parse(name: str) -> None:
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
     assert kinds.index("LoadWeights") < kinds.index("GMMPrior")
     gmm = next(c for c in cli.trainer.callbacks if isinstance(c, GMMPrior))
-    assert gmm.num_components == 16 and gmm.tau == 0.005
+    assert gmm.num_components == 16 and gmm.tau == 0.05
+    pq = next(c for c in cli.trainer.callbacks if type(c).__name__ == "PruneQuantize")
+    assert kinds.index("GMMPrior") < kinds.index("PruneQuantize") and pq.finetune_epochs == 2
 
 
 def test_kmeans_initial_means_sit_where_the_weights_are() -> None:
