@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.data import MNISTDataModule, TensorBatchDataset
+from distill.data import InMemoryDataModule, MNISTDataModule, TensorBatchDataset
 from distill.hooks import FeatureCapture
 from distill.losses import feature_mse, softmax_mse
 from distill.modules import Classifier, Distiller
@@ -136,6 +136,17 @@ class _Timer(pl.Callback):
         self.end = time.perf_counter()
 
 
+class _TensorDataModule(InMemoryDataModule):
+    """The benchmark's tensors behind distill's in-memory data module (what ``distill fit`` trains from)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> None:
+        super().__init__(batch_size=batch, val_size=0)
+        self._xy = (x, y)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = TensorBatchDataset(*self._xy)
+
+
 def lightning_loop(
     module: pl.LightningModule,
     x: torch.Tensor,
@@ -143,10 +154,18 @@ def lightning_loop(
     args: Any,
     extra_callbacks: tuple[pl.Callback, ...] = (),
 ) -> float:
-    """Samples/s of ``module`` in a Trainer: default logger off, no progress bar, no validation."""
-    loader = torch.utils.data.DataLoader(
-        TensorBatchDataset(x, y), batch_size=args.batch, shuffle=True, drop_last=True, collate_fn=lambda b: b
-    )
+    """Samples/s of ``module`` in a Trainer: default logger off, no progress bar, no validation.
+
+    The batches come from an in-memory data module, as in ``distill fit`` (``--loader dataloader``: a plain
+    DataLoader, whose batches take Lightning's generic device transfer).
+    """
+    source: Any
+    if getattr(args, "loader", "datamodule") == "datamodule":
+        source = {"datamodule": _TensorDataModule(x, y, args.batch)}
+    else:
+        source = {"train_dataloaders": torch.utils.data.DataLoader(
+            TensorBatchDataset(x, y), batch_size=args.batch, shuffle=True, drop_last=True, collate_fn=lambda b: b
+        )}
     timer = _Timer(args.warmup)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -159,7 +178,7 @@ def lightning_loop(
         enable_model_summary=False,
         callbacks=[timer, *extra_callbacks],
     )
-    trainer.fit(module, loader)
+    trainer.fit(module, **source)
     return args.steps * args.batch / (timer.end - timer.start)
 
 
@@ -217,6 +236,8 @@ def main() -> None:
     parser.add_argument("--lenet5", action="store_true", help="also LeNet5Caffe (slower)")
     parser.add_argument("--only", nargs="*", default=None, help="subset of kinds: plain kd hint indep")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--loader", choices=["datamodule", "dataloader"], default="datamodule",
+                        help="Lightning side: distill's in-memory data module (as distill fit) or a plain DataLoader")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
