@@ -17,8 +17,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distill.module_utils import transfer_pair
-
 __all__ = [
     "CIFAR10DataModule",
     "DataNotFoundError",
@@ -141,14 +139,14 @@ class InMemoryDataModule(pl.LightningDataModule):
         )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """The ``(x, y)`` tensor pairs of these loaders go straight to the device (see ``transfer_pair``).
+        """The ``(x, y)`` tensor pairs of these loaders go straight to the device; anything else the Lightning way.
 
-        Here and not in the LightningModules: Lightning warns when a module overrides this hook and a data module
-        is used, and distill's modules run with any data.
+        Lightning's generic transfer walks the batch as a nested collection (~0.5 ms a step on a CPU, a tenth of a
+        LeNet-300-100 step). Here and not in the LightningModules: Lightning warns when a module overrides this hook
+        and a data module is used, and distill's modules run with any data.
         """
-        moved = transfer_pair(batch, device)
-        if moved is not None:
-            return moved
+        if type(batch) in (tuple, list) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
+            return type(batch)(t.to(device, non_blocking=True) for t in batch)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> DataLoader:

@@ -21,7 +21,6 @@ __all__ = [
     "save_arch_hparams",
     "save_hparams",
     "should_log_step",
-    "transfer_pair",
 ]
 
 
@@ -98,15 +97,3 @@ def save_arch_hparams(module: pl.LightningModule, **networks: nn.Module) -> None
     for name, net in networks.items():
         if not isinstance(module.hparams.get(name), Mapping):
             module.hparams[name] = arch_spec(net)
-
-
-def transfer_pair(batch: Any, device: torch.device) -> Any | None:
-    """An ``(x, y)`` tuple/list of two tensors moved to ``device``; ``None`` for any other batch.
-
-    Lightning's generic transfer walks the batch as a nested collection (~0.5 ms a step on a CPU, a tenth of a
-    LeNet-300-100 step); distill's loaders only ever yield a pair of tensors.
-    """
-    if type(batch) in (tuple, list) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
-        return type(batch)(t.to(device, non_blocking=True) for t in batch)
-    return None
-
