@@ -24,16 +24,7 @@ from distill.module_utils import (
     should_log_step,
 )
 
-__all__ = [
-    "Classifier",
-    "Distiller",
-    "FastSetattrMixin",
-    "as_module",
-    "configure_optimizers",
-    "save_arch_hparams",
-    "save_hparams",
-    "should_log_step",
-]
+__all__ = ["Classifier", "Distiller"]  # the shared helpers are public in distill.module_utils
 
 
 class Classifier(FastSetattrMixin, pl.LightningModule):

@@ -292,7 +292,6 @@ class MixtureTable:
         self.chunk = chunk_size
         self.h = (hi - lo) / (n - 1)
         self.subbins = subbins
-        self._shift = subbins.bit_length() - 1
         dtype = means.dtype
         # positions are measured in sub-cells: u = (w - lo) / h * subbins
         self._u_scale = self.inv_h * subbins

@@ -90,7 +90,7 @@ def remove_dead_units(net: nn.Module) -> DeadUnits:
             if b.in_features != a.out_features:
                 continue
             wa, wb = a.weight, b.weight
-            ba = a.bias if a.bias is not None else None
+            ba = a.bias
             # units nobody reads: clear what feeds them
             has_input = (wa != 0).any(dim=1)
             if ba is not None:
