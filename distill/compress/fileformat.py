@@ -5,7 +5,8 @@ state dict. Each compressible weight whose values come from a small codebook (af
 stored as in Deep Compression (Han, Mao & Dally, ICLR 2016): a codebook (float32, or float16 when exact), and the
 Huffman-coded cluster codes and relative-index gaps of its non-zero entries (:mod:`distill.compress.sparse`,
 :mod:`distill.compress.huffman`). Every other tensor is stored raw (since version 3, a float32 tensor whose values
-are all exactly float16 -- e.g. biases rounded by ``deep_compress(raw_dtype="float16")`` -- in 2 bytes per value).
+are all exactly float16 -- e.g. biases rounded by ``deep_compress(raw_dtype="float16")`` -- in 2 bytes per value,
+and a mostly-zero one as a bitmap plus its non-zero values).
 The index width is chosen per tensor to minimise its size.
 
 Reading never unpickles and never runs code from the file: the header is JSON (zlib-compressed since version 2),
@@ -218,17 +219,16 @@ def save_compressed(
             "dtype": _dtype_name(t.dtype),
             "param": name in param_names,
         }
-        raw = _raw_bytes(t)
-        data = raw
-        rec["encoding"] = RAW
+        fields: dict[str, Any]
         if version >= 3 and t.dtype == torch.float32 and t.numel() > 0:
-            rec_extra, data = _encode_raw_v3(t)
-            rec.update(rec_extra)
+            fields, data = _encode_raw_v3(t)
+        else:
+            fields, data = {"encoding": RAW}, _raw_bytes(t)
         if name in names and t.dtype == torch.float32:
             enc = _encode_weight(t, max_index_bits, version)
-            if enc is not None and len(enc[1]) < len(raw):
-                rec.update(enc[0])
-                data = enc[1]
+            if enc is not None and len(enc[1]) < len(data):  # the smaller of the shared and the raw record
+                fields, data = enc
+        rec.update(fields)
         rec["offset"], rec["length"] = offset, len(data)
         offset += len(data)
         records.append(rec)
