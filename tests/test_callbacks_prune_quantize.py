@@ -170,6 +170,10 @@ def test_compress_and_evaluate_commands(digits_checkpoint: Path, tmp_path: Path,
     acc_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test accuracy")][0]
     decoded = json.loads((tmp_path / "out" / "accuracy.json").read_text())["decoded"]
     assert f"{decoded:.4f}" in acc_line
+    half = tmp_path / "half" / "m.dstl"
+    assert compress_main([str(tmp_path / "run"), "--out", str(half), "--quality", "0.5", "--raw-dtype", "float16"]) == 0
+    encodings = {r["name"]: r["encoding"] for r in read_header(half)["tensors"]}
+    assert encodings["fc1.bias"] in ("raw-f16", "raw-sparse") and read_header(half)["meta"]["raw_dtype"] == "float16"
 
 
 def test_commands_reject_bad_paths(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
