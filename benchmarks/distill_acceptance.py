@@ -31,6 +31,7 @@ import torch
 from distill.compress.pipeline import evaluate_accuracy
 from distill.data import MNISTDataModule
 from distill.distillation import load_network
+from distill.io import atomic_write_json
 
 LENET300_TEACHER = "runs/lenet300_100_teacher/checkpoints/last.ckpt"
 LENET5_TEACHER = "runs/lenet5_caffe_teacher/checkpoints/last.ckpt"
@@ -91,10 +92,9 @@ def main() -> None:
                          "wall_s": wall}
             print(key, same[key], flush=True)
         out["same_architecture"] = same
-    text = json.dumps(out, indent=2)
-    print(text)
+    print(json.dumps(out, indent=2))
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        atomic_write_json(args.json, out, indent=2)
 
 
 if __name__ == "__main__":
