@@ -1,9 +1,9 @@
 """Cost of the soft weight-sharing prior next to a training step (CPU, or CUDA when available).
 
 Side by side, interleaved in one run: a plain training step (forward, backward, Adam step) against the same step plus
-the prior as ``GMMPrior`` applies it (tabulated gradient added to ``.grad``, mixture gradients, mixture Adam step),
-against the naive ``N x (J+1)`` autograd version; relative error of the prior's weight gradient against the exact
-float64 one; on VGG19BN the extra peak memory and the step-time ratio.
+the prior as ``GMMPrior`` applies it (tabulated gradient added to ``.grad``, mixture gradients, mixture Adam step);
+then, separately, the naive ``N x (J+1)`` autograd version; relative error of the prior's weight gradient against the
+exact float64 one; on VGG19BN the extra peak memory and the step-time ratio.
 
     python benchmarks/bench_prior.py                 # LeNet-300-100, LeNet5Caffe, VGG19BN (batch 8)
     python benchmarks/bench_prior.py --skip-vgg --threads 1
@@ -82,19 +82,23 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
         (loss + scale * (-logp.sum() + mix.hyperprior_nll())).backward()
         opt.step()
 
+    def timed(f: Any) -> float:
+        sync(device)
+        t = time.perf_counter()
+        f()
+        sync(device)
+        return time.perf_counter() - t
+
     fns = {"plain": plain, "prior": with_prior}
-    if naive:
-        fns["naive"] = naive_step
     times: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():  # warm-up
         f()
     for _ in range(reps):  # interleaved so that load on the machine hits both alike
         for k, f in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            f()
-            sync(device)
-            times[k].append(time.perf_counter() - t)
+            times[k].append(timed(f))
+    if naive:  # after, not interleaved: its N x (J+1) temporaries (36 MB) would evict the others' working sets
+        naive_step()
+        times["naive"] = [timed(naive_step) for _ in range(max(3, reps // 5))]
     med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
     # gradient accuracy of the step's prior gradient vs the exact float64 one
     for p in weights:

@@ -84,7 +84,7 @@ def test_table_gradients_within_1e4_of_exact(narrow: float) -> None:
     assert rel(gp, exact.grad_log_pis) < 1e-4
 
 
-def test_table_extrapolates_outside_its_range() -> None:
+def test_table_clamps_weights_just_outside_its_range() -> None:
     means, lp, lpi = _mixture()
     table = MixtureTable(means.float(), lp.float(), lpi.float(), -0.5, 0.5)
     w = torch.tensor([-0.50001, 0.50002])
@@ -110,10 +110,16 @@ def test_hyperprior_densities_match_torch_distributions() -> None:
     torch.testing.assert_close(beta_log_prob(p, 2.0, 3.0), D.Beta(*torch.tensor([2.0, 3.0]).double()).log_prob(p))
 
 
-@pytest.mark.parametrize("pi_zero_beta", [None, (50.0, 1.0)])
-def test_module_gradients_from_stats_equal_autograd(pi_zero_beta: tuple[float, float] | None) -> None:
+@pytest.mark.parametrize(
+    ("pi_zero_beta", "gamma_zero"), [(None, (5000.0, 2.0)), ((50.0, 1.0), (5000.0, 2.0)), (None, None)]
+)
+def test_module_gradients_from_stats_equal_autograd(
+    pi_zero_beta: tuple[float, float] | None, gamma_zero: tuple[float, float] | None
+) -> None:
     torch.manual_seed(0)
-    prior = GaussianMixturePrior(5, (-0.4, 0.4), init_std=0.1, pi_zero=0.9, pi_zero_beta=pi_zero_beta).double()
+    prior = GaussianMixturePrior(
+        5, (-0.4, 0.4), init_std=0.1, pi_zero=0.9, pi_zero_beta=pi_zero_beta, gamma_zero=gamma_zero
+    ).double()
     with torch.no_grad():
         prior.mixing_logits.normal_()
         prior.log_precisions.add_(torch.randn(6, dtype=torch.float64))
