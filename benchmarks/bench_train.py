@@ -1,8 +1,10 @@
 """Training throughput: ``distill fit`` (LightningCLI + Classifier + MNISTDataModule) vs a hand-written loop.
 
 Both train LeNet-300-100 on the same in-memory MNIST tensors (batch 128, Adam) on the CPU with 2 threads; runs
-alternate (hand, distill, hand, distill, ...) so that load from other processes hits both alike, and the median
-samples/s of each is compared. Warm-up steps are excluded.
+alternate (hand, bare Lightning, distill, hand, ...) so that load from other processes hits all alike, and the median
+samples/s of each is compared. Warm-up steps are excluded. "bare Lightning" is the floor any LightningModule pays: a
+module with nothing but the forward, the loss and the optimizer, in a Trainer without logger, checkpoints or
+progress bar, fed by the same data module.
 
     DISTILL_DATA=../shared/data python benchmarks/bench_train.py [--steps 300] [--repeats 3]
 """
@@ -54,6 +56,32 @@ def hand_loop(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int) -> float
         loss.backward()
         opt.step()
     return steps * batch / (time.perf_counter() - t0)
+
+
+class BareModule(pl.LightningModule):
+    """Nothing but the forward, the loss and the optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = LeNet300100()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self.model(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def bare_lightning(dm: MNISTDataModule, steps: int) -> float:
+    torch.manual_seed(0)
+    timer = StepTimer(WARMUP)
+    trainer = pl.Trainer(
+        max_steps=steps + WARMUP, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
+        accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(BareModule(), dm)
+    return (timer.steps - WARMUP) * dm.batch_size / (timer.t1 - timer.t0)
 
 
 def distill_fit(steps: int, batch: int) -> float:
@@ -109,14 +137,16 @@ def main() -> None:
     dm.setup("fit")
     assert dm.train_set is not None
     x, y = dm.train_set.x, dm.train_set.y
-    hand, fit = [], []
+    hand, bare, fit = [], [], []
     for _ in range(args.repeats):
         hand.append(hand_loop(x, y, args.steps, args.batch))
+        bare.append(bare_lightning(dm, args.steps))
         fit.append(distill_fit(args.steps, args.batch))
-    h, f = statistics.median(hand), statistics.median(fit)
+    h, b, f = statistics.median(hand), statistics.median(bare), statistics.median(fit)
     print(f"hand-written loop : {h:9.0f} samples/s  (runs: {[round(v) for v in hand]})")
+    print(f"bare Lightning    : {b:9.0f} samples/s  (runs: {[round(v) for v in bare]})  ratio {b / h:.3f}")
     print(f"distill fit       : {f:9.0f} samples/s  (runs: {[round(v) for v in fit]})")
-    print(f"ratio distill/hand: {f / h:.3f}  (target >= 0.8)")
+    print(f"ratio distill/hand: {f / h:.3f}  (target >= 0.8); distill/bare Lightning: {f / b:.3f}")
     ours, pil = loader_epoch_seconds(dm)
     print(f"one epoch of batches: in-memory loader {ours:.2f} s, torchvision ToTensor+Normalize loader {pil:.2f} s")
 
