@@ -46,6 +46,7 @@ from typing_extensions import override
 from distill.compress.kmeans import kmeans_1d
 from distill.compress.params import compressible_parameters, network_of
 from distill.io import atomic_savez, atomic_write_json, run_folder
+from distill.module_utils import should_log_step
 from distill.priors import (
     GaussianMixturePrior,
     MixtureTable,
@@ -57,6 +58,23 @@ from distill.priors import (
 )
 
 __all__ = ["GMMPrior"]
+
+
+class _MixtureAdam(torch.optim.Adam):
+    """Adam for the mixture's few dozen numbers, without torch's per-step CUDA-graph capture check.
+
+    ``Optimizer.step`` first asks whether an accelerator graph is being captured; on a CUDA build of torch without a
+    GPU that query re-runs NVML discovery (a ``dlopen``, 0.1-0.3 ms) on every call, which is as much as the whole
+    mixture update. The mixture's step is never captured in a graph (it runs in a callback, between the network's
+    backward and its optimizer step), so the check is skipped; everything else, state and ``state_dict`` included, is
+    torch's Adam. (Both spellings: the method was ``_cuda_graph_capture_health_check`` before torch 2.6.)
+    """
+
+    def _accelerator_graph_capture_health_check(self) -> None:
+        return None
+
+    def _cuda_graph_capture_health_check(self) -> None:
+        return None
 
 METHODS = ("auto", "exact", "table")
 
@@ -77,8 +95,9 @@ class GMMPrior(Callback):
     """Train the compressed weights of any LightningModule under a learned Gaussian-mixture prior.
 
     Logs ``gmm/mean_{j}``, ``gmm/std_{j}``, ``gmm/pi_{j}`` (every ``log_every_n_steps`` and at each epoch end),
-    ``gmm/prior_loss`` (every step), ``gmm/significant`` (components that own at least one weight after merging)
-    and, with TensorBoard, a histogram of each compressed layer's weights per epoch. Writes ``gmm_history.json`` and
+    ``gmm/prior_loss_step`` (on the trainer's logging steps), ``gmm/prior_loss_epoch`` (epoch mean),
+    ``gmm/significant`` (components that own at least one weight after merging) and, with TensorBoard, a histogram
+    of each compressed layer's weights per epoch. Writes ``gmm_history.json`` and
     ``gmm_weights.npz`` into the run folder.
 
     Args:
@@ -190,6 +209,7 @@ class GMMPrior(Callback):
         self.history: dict[str, Any] = self._empty_history()
         self.merged: dict[str, list[float]] | None = None
         self.last_prior_loss: float | None = None
+        self._epoch_loss: list[float] = [0.0, 0]  # sum and count of this epoch's prior loss terms
         self.num_weights = 0
         self._params: dict[str, nn.Parameter] = {}
         self._workspace: dict[str, torch.Tensor] = {}  # MixtureTable's scratch tensors, reused every step
@@ -227,12 +247,11 @@ class GMMPrior(Callback):
         groups = [
             {"params": params, "lr": self.lrs[name], "name": name} for name, params in self.mixture.groups().items()
         ]
-        # fused where the device supports it: the mixture's single-tensor Adam step is ~30 tiny ops (0.34 ms a step on a
-        # CPU, as much as a tenth of a LeNet-300-100 step; fused: 0.15 ms)
+        # fused where the device supports it: the single-tensor step is ~30 tiny ops per parameter group
         try:
-            return torch.optim.Adam(groups, fused=True)
+            return _MixtureAdam(groups, fused=True)
         except (RuntimeError, ValueError):
-            return torch.optim.Adam(groups)
+            return _MixtureAdam(groups)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -405,7 +424,12 @@ class GMMPrior(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.last_prior_loss is not None:
-            pl_module.log("gmm/prior_loss", self.last_prior_loss, on_step=True, on_epoch=True, sync_dist=False)
+            self._epoch_loss[0] += self.last_prior_loss
+            self._epoch_loss[1] += 1
+            # per-step scalars only on the steps the logger writes: each self.log walks Lightning's result collection
+            # (~0.3 ms a step on a CPU); the epoch mean is logged from the running sum at the epoch's end
+            if should_log_step(pl_module):
+                pl_module.log("gmm/prior_loss_step", self.last_prior_loss, on_step=True, on_epoch=False)
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50)
         if trainer.logger is not None and every and trainer.global_step % every == 0:
             trainer.logger.log_metrics(self._components(), step=trainer.global_step)
@@ -460,7 +484,13 @@ class GMMPrior(Callback):
         self._write_history(trainer)
 
     @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_loss = [0.0, 0]
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epoch_loss[1]:
+            pl_module.log("gmm/prior_loss_epoch", self._epoch_loss[0] / self._epoch_loss[1], on_epoch=True)
         self._record(trainer)
         logger = trainer.logger
         if self.log_histograms and isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
