@@ -299,8 +299,11 @@ def test_warmup_and_callable_tau() -> None:
     assert copy.deepcopy(cb).current_tau(0) == pytest.approx(0.025)
 
 
-@pytest.mark.parametrize("name", ["lenet300_100_sws", "lenet5_caffe_sws"])
-def test_sws_configs_parse(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "tau", "warmup", "gamma"),
+    [("lenet300_100_sws", 0.03, 5, (25.0, 0.01)), ("lenet5_caffe_sws", 0.05, 0, (250.0, 0.1))],
+)
+def test_sws_configs_parse(name: str, tau: float, warmup: int, gamma: tuple[float, float]) -> None:
     from distill.cli import DistillCLI
 
     config = Path(__file__).resolve().parents[1] / "configs" / "mnist" / f"{name}.yaml"
@@ -308,7 +311,8 @@ def test_sws_configs_parse(name: str) -> None:
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
     assert kinds.index("LoadWeights") < kinds.index("GMMPrior")
     gmm = next(c for c in cli.trainer.callbacks if isinstance(c, GMMPrior))
-    assert gmm.num_components == 16 and gmm.tau == 0.05
+    assert gmm.num_components == 16 and gmm.tau == tau and gmm.warmup_epochs == warmup
+    assert gmm.mixture.gamma == gamma
     pq = next(c for c in cli.trainer.callbacks if type(c).__name__ == "PruneQuantize")
     assert kinds.index("GMMPrior") < kinds.index("PruneQuantize") and pq.finetune_epochs == 2
 
