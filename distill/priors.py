@@ -271,7 +271,7 @@ class MixtureTable:
         m = means.detach().double()
         lp = log_precisions.detach().double()
         lpi = log_pis.detach().double()
-        sigma_min = float(torch.exp(-0.5 * lp).min())
+        sigma_min = math.exp(-0.5 * float(lp.max()))
         if not hi > lo:
             hi = lo + sigma_min
         pad = 1e-6 * (hi - lo)
@@ -281,11 +281,11 @@ class MixtureTable:
         x = torch.linspace(lo, hi, n, dtype=torch.float64, device=means.device)
         const, prec = _component_log_terms(m, lp, lpi)
         d = x.unsqueeze(-1) - m  # (G, J+1)
-        logj = const - 0.5 * prec * d * d
+        logj = torch.addcmul(const, d * d, prec, value=-0.5)
         lse = torch.logsumexp(logj, dim=-1, keepdim=True)
-        r = (logj - lse).exp()
+        r = logj.sub_(lse).exp_()
         rd = r * d
-        g = (rd * prec).sum(-1)
+        g = rd @ prec
         self.prec = prec
         self.size = n
         self.lo = lo
