@@ -301,7 +301,7 @@ def test_warmup_and_callable_tau() -> None:
 
 @pytest.mark.parametrize(
     ("name", "tau", "warmup", "gamma"),
-    [("lenet300_100_sws", 0.03, 5, (25.0, 0.01)), ("lenet5_caffe_sws", 0.03, 5, (25.0, 0.01))],
+    [("lenet300_100_sws", 0.03, 5, (25.0, 0.01)), ("lenet5_caffe_sws", 0.05, 5, (250.0, 0.1))],
 )
 def test_sws_configs_parse(name: str, tau: float, warmup: int, gamma: tuple[float, float]) -> None:
     from distill.cli import DistillCLI
