@@ -329,6 +329,8 @@ class MixtureTable:
         ``bincount`` is 1.5x faster on int32, and ``index_select`` is as fast with either (measured, one thread).
         """
         flat = w.reshape(-1)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()  # positions run to (G - 1) * subbins (up to ~500k): beyond 16-bit range and precision
         n, dev = flat.numel(), flat.device
         u = torch.add(self._u_offset_t, flat, alpha=self._u_scale, out=self._scratch("u", n, flat.dtype, dev))
         u.clamp_(0.0, self._u_max)

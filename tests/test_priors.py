@@ -198,3 +198,18 @@ def test_prior_module_validates_arguments() -> None:
         GaussianMixturePrior(3, gamma_zero=(1.0, -2.0))
     with pytest.raises(ValueError, match="init_range"):
         GaussianMixturePrior(3, init_range=(1.0, -1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_table_handles_16_bit_weights(dtype: torch.dtype) -> None:
+    """Positions on the grid run far beyond float16's range: they are computed in float32 for 16-bit weights."""
+    means, lp, lpi = _mixture(narrow=0.002)
+    w = _weights(5000)
+    table = MixtureTable(means.float(), lp.float(), lpi.float(), float(w.min()), float(w.max()), max_grid=1 << 15)
+    assert (table.size - 1) * table.subbins > 65504  # past float16's largest value
+    w16 = w.to(dtype)
+    grad = torch.zeros_like(w16)
+    table.accumulate_grad(w16, grad, alpha=1.0)
+    ref = table.grad(w16.float())
+    torch.testing.assert_close(grad.float(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+    assert int(table.fine_counts.sum()) == w.numel()  # type: ignore[union-attr]
