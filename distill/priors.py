@@ -122,17 +122,19 @@ def assign_components(
 
 
 def gamma_log_prob(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """Log-density of ``Gamma(shape=alpha, rate=beta)`` at ``x > 0`` (elementwise)."""
-    a = torch.as_tensor(alpha, dtype=x.dtype, device=x.device)
-    return a * math.log(beta) - torch.lgamma(a) + (a - 1) * x.log() - beta * x
+    """Log-density of ``Gamma(shape=alpha, rate=beta)`` at ``x > 0`` (elementwise).
+
+    The normalising constant is computed in Python: the prior evaluates this every training step, and tensor ops on
+    0-d constants cost more than the density itself.
+    """
+    log_norm = alpha * math.log(beta) - math.lgamma(alpha)
+    return log_norm + (alpha - 1.0) * x.log() - beta * x
 
 
 def beta_log_prob(x: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    """Log-density of ``Beta(a, b)`` at ``0 < x < 1`` (elementwise)."""
-    ta = torch.as_tensor(a, dtype=x.dtype, device=x.device)
-    tb = torch.as_tensor(b, dtype=x.dtype, device=x.device)
-    log_norm = torch.lgamma(ta + tb) - torch.lgamma(ta) - torch.lgamma(tb)
-    return log_norm + (ta - 1) * x.log() + (tb - 1) * torch.log1p(-x)
+    """Log-density of ``Beta(a, b)`` at ``0 < x < 1`` (elementwise; constant in Python, as :func:`gamma_log_prob`)."""
+    log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    return log_norm + (a - 1.0) * x.log() + (b - 1.0) * torch.log1p(-x)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -296,7 +298,6 @@ class MixtureTable:
         dtype = means.dtype
         # positions are measured in sub-cells: u = (w - lo) / h * subbins
         self._u_scale = self.inv_h * subbins
-        self._u_offset = -lo * self._u_scale
         # Per sub-cell f (cell k = f // S, position t = frac(u) in [0, 1) within the sub-cell):
         # g(w) = g_start[f] + t * slope[f], the linear interpolation between grid points k and k + 1 written per
         # sub-cell, so that one integer index serves both the gathers and the histogram, and frac() gives the position
@@ -307,7 +308,7 @@ class MixtureTable:
         # clamp just inside the last sub-cell: float32 positions have an ulp of up to 1/16 sub-cell on big grids
         n_fine = (n - 1) * subbins
         self._u_max = float(n_fine) - max(1e-3, 4.0 * math.ldexp(1.0, math.frexp(n_fine)[1] - 24))
-        self._u_offset_t = torch.tensor(self._u_offset, dtype=dtype, device=means.device)
+        self._u_offset_t = torch.tensor(-lo * self._u_scale, dtype=dtype, device=means.device)
         # columns: -log p, then R_j, S_j, Q_j: (G, 1 + 3(J+1)) in float64 for the weighted sums
         self.stats = torch.cat([-lse, r, rd, rd * d], dim=-1)
         self.n_fine = n_fine
@@ -633,11 +634,8 @@ class GaussianMixturePrior(nn.Module):
             # -log Gamma(lambda; a, b) = -(a - 1) log lambda + b lambda + const: d/d log lambda = b lambda - (a - 1)
             for sl, ab in ((slice(0, 1), self.gamma_zero), (slice(1, None), self.gamma)):
                 if ab is not None:
-                    a, b = ab
-                    count = 1 if sl.stop == 1 else lp.numel() - 1
-                    log_norm = a * math.log(b) - math.lgamma(a)  # gamma_log_prob, with the constants in Python
-                    hyper = hyper - (count * log_norm + (a - 1.0) * lp[sl].sum() - b * prec[sl].sum())
-                    g_lp[sl] += b * prec[sl] - (a - 1.0)
+                    hyper = hyper - gamma_log_prob(prec[sl], *ab).sum()
+                    g_lp[sl] += ab[1] * prec[sl] - (ab[0] - 1.0)
             gp = grad_log_pis.to(lp.dtype)
             rest_sum = gp[1:].sum()
             # log pi_j = log(1 - pi_0) + log_softmax(logits)_j for j >= 1
