@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.bench_train import pure_torch_env
 from distill.data import InMemoryDataModule, MNISTDataModule, TensorBatchDataset
 from distill.hooks import FeatureCapture
 from distill.losses import feature_mse, softmax_mse
@@ -199,7 +200,8 @@ def compare(
     hand, lit = [], []
     for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit both sides
         torch.manual_seed(0)
-        hand.append(hand_loop(kind, net(), teacher, x, y, args, layers))
+        with pure_torch_env():  # as a script without Lightning would run
+            hand.append(hand_loop(kind, net(), teacher, x, y, args, layers))
         if kind == "plain":
             module: pl.LightningModule = Classifier(net(), optimizer=_adam)
         elif kind == "kd":

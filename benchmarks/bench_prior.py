@@ -26,6 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.callbacks.gmm_prior import GMMPrior  # noqa: E402
+from distill.module_utils import skip_idle_graph_capture_check  # noqa: E402
 from distill.priors import mixture_nll_grad  # noqa: E402
 from models.lenet import LeNet5Caffe, LeNet300100  # noqa: E402
 from models.vgg import VGG19BN  # noqa: E402
@@ -54,6 +55,7 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
           naive: bool) -> dict[str, Any]:
     model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    skip_idle_graph_capture_check(opt)  # as distill's modules build it (no per-step NVML probe without a GPU)
     x = torch.randn(batch, *in_shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     cb, weights = setup(model, device)

@@ -64,3 +64,28 @@ def test_fit_with_a_data_module_warns_about_no_batch_hook(trainer_kwargs: dict[s
                 module, DigitsDataModule(batch_size=32)
             )
         assert not [w for w in caught if "transfer_batch_to_device" in str(w.message)]
+
+
+def test_optimizer_skips_the_graph_capture_check_only_without_an_accelerator() -> None:
+    """The per-step capture check is a no-op without a GPU (an NVML dlopen under Lightning): it is dropped there only,
+    and the optimizer still steps exactly like torch's."""
+    from distill.module_utils import _accelerator_available
+
+    torch.manual_seed(0)
+    net = MLP(64, (16,), 10)
+    ref = MLP(64, (16,), 10)
+    ref.load_state_dict(net.state_dict())
+    module = Classifier(net, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    opt = module.configure_optimizers()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    skipped = "_accelerator_graph_capture_health_check" in vars(opt) or "_cuda_graph_capture_health_check" in vars(opt)
+    assert skipped == (not _accelerator_available())
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    for m, o in ((net, opt), (ref, ref_opt)):
+        for _ in range(3):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for a, b in zip(net.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["param_groups"][0]["lr"] == 1e-2
