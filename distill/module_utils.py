@@ -66,19 +66,20 @@ def _no_graph_capture_check() -> None:
     return None
 
 
-def skip_idle_graph_capture_check(optimizer: torch.optim.Optimizer) -> bool:
+def skip_idle_graph_capture_check(optimizer: torch.optim.Optimizer, always: bool = False) -> bool:
     """Drop torch's per-step CUDA/XPU graph-capture check from ``optimizer`` when the process has no accelerator.
 
     ``Adam.step`` (and most torch optimizers) first ask whether an accelerator graph is being captured. Lightning sets
     ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` when imported, which turns that question into an NVML discovery (a ``dlopen``)
     on every call on a CUDA build of torch without a GPU: 0.1-0.3 ms a step, 5-8% of a LeNet-300-100 step on a CPU,
     which a plain PyTorch script does not pay. Without an accelerator the check returns without doing anything, so
-    skipping it changes nothing else; with one it is left in place. Returns whether it was skipped.
+    skipping it changes nothing else; with one it is left in place, unless ``always`` (an optimizer whose step is
+    never captured in a graph, such as the GMM prior's, which runs inside a callback). Returns whether it was skipped.
     """
-    if _accelerator_available():
+    if not always and _accelerator_available():
         return False
     skipped = False
-    for name in ("_accelerator_graph_capture_health_check", "_cuda_graph_capture_health_check"):
+    for name in ("_accelerator_graph_capture_health_check", "_cuda_graph_capture_health_check"):  # torch >= / < 2.6
         if hasattr(type(optimizer), name):
             setattr(optimizer, name, _no_graph_capture_check)  # instance attribute: this optimizer only
             skipped = True

@@ -89,3 +89,13 @@ def test_optimizer_skips_the_graph_capture_check_only_without_an_accelerator() -
     for a, b in zip(net.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
     assert opt.state_dict()["param_groups"][0]["lr"] == 1e-2
+
+
+def test_gmm_prior_optimizer_always_skips_the_capture_check() -> None:
+    """The mixture's Adam runs inside a callback, never in a captured graph: its check is dropped even with a GPU."""
+    from distill.callbacks import GMMPrior
+
+    opt = GMMPrior(num_components=4)._build_optimizer()
+    assert isinstance(opt, torch.optim.Adam)
+    assert vars(opt).get("_accelerator_graph_capture_health_check") is not None
+    assert {g["name"] for g in opt.param_groups} == {"means", "log_precisions", "mixing"}

@@ -46,7 +46,7 @@ from typing_extensions import override
 from distill.compress.kmeans import kmeans_1d
 from distill.compress.params import compressible_parameters, network_of
 from distill.io import atomic_savez, atomic_write_json, run_folder
-from distill.module_utils import should_log_step
+from distill.module_utils import should_log_step, skip_idle_graph_capture_check
 from distill.priors import (
     GaussianMixturePrior,
     MixtureTable,
@@ -59,22 +59,6 @@ from distill.priors import (
 
 __all__ = ["GMMPrior"]
 
-
-class _MixtureAdam(torch.optim.Adam):
-    """Adam for the mixture's few dozen numbers, without torch's per-step CUDA-graph capture check.
-
-    ``Optimizer.step`` first asks whether an accelerator graph is being captured; on a CUDA build of torch without a
-    GPU that query re-runs NVML discovery (a ``dlopen``, 0.1-0.3 ms) on every call, which is as much as the whole
-    mixture update. The mixture's step is never captured in a graph (it runs in a callback, between the network's
-    backward and its optimizer step), so the check is skipped; everything else, state and ``state_dict`` included, is
-    torch's Adam. (Both spellings: the method was ``_cuda_graph_capture_health_check`` before torch 2.6.)
-    """
-
-    def _accelerator_graph_capture_health_check(self) -> None:
-        return None
-
-    def _cuda_graph_capture_health_check(self) -> None:
-        return None
 
 METHODS = ("auto", "exact", "table")
 
@@ -249,9 +233,13 @@ class GMMPrior(Callback):
         ]
         # fused where the device supports it: the single-tensor step is ~30 tiny ops per parameter group
         try:
-            return _MixtureAdam(groups, fused=True)
+            opt = torch.optim.Adam(groups, fused=True)
         except (RuntimeError, ValueError):
-            return _MixtureAdam(groups)
+            opt = torch.optim.Adam(groups)
+        # the mixture's step runs in a callback, never inside a captured graph: torch's per-step capture check (an
+        # NVML query under Lightning) would cost as much as the whole update
+        skip_idle_graph_capture_check(opt, always=True)
+        return opt
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
