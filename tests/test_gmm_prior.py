@@ -300,13 +300,30 @@ def test_warmup_and_callable_tau() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "tau", "warmup", "gamma"),
-    [("lenet300_100_sws", 0.03, 5, (25.0, 0.01)), ("lenet5_caffe_sws", 0.05, 5, (250.0, 0.1))],
+    ("name", "tau", "warmup", "gamma", "distilled"),
+    [("lenet300_100_sws", 0.03, 5, (25.0, 0.01), False), ("lenet5_caffe_sws", 0.2, 5, (250.0, 0.1), True)],
 )
-def test_sws_configs_parse(name: str, tau: float, warmup: int, gamma: tuple[float, float]) -> None:
+def test_sws_configs_parse(name: str, tau: float, warmup: int, gamma: tuple[float, float], distilled: bool) -> None:
     from distill.cli import DistillCLI
 
     config = Path(__file__).resolve().parents[1] / "configs" / "mnist" / f"{name}.yaml"
+    if distilled:  # a Distiller loads its teacher checkpoint when built: parse and type-check only (the config is
+        # built and trained for two steps against a teacher by test_cli_configs.test_config_fits_two_steps)
+
+        class ParseOnly(DistillCLI):
+            def instantiate_classes(self) -> None:
+                pass
+
+        cfg = ParseOnly(args=["-c", str(config)], run=False).config
+        model = cfg["model"]
+        assert model["class_path"] == "distill.modules.Distiller" and model["init_args"]["init_from_teacher"]
+        assert model["init_args"]["loss"] == "kd" and str(model["init_args"]["teacher"]).endswith("last.ckpt")
+        callbacks = [c["class_path"].rsplit(".", 1)[-1] for c in cfg["trainer"]["callbacks"]]
+        assert "LoadWeights" not in callbacks and callbacks.index("GMMPrior") < callbacks.index("PruneQuantize")
+        args = cfg["trainer"]["callbacks"][callbacks.index("GMMPrior")]["init_args"]
+        assert args["num_components"] == 16 and args["tau"] == tau and args["warmup_epochs"] == warmup
+        assert tuple(args["gamma"]) == gamma
+        return
     cli = DistillCLI(args=["-c", str(config), "--data.init_args.download", "false"], run=False)
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
     assert kinds.index("LoadWeights") < kinds.index("GMMPrior")
