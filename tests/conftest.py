@@ -10,7 +10,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from distill.cli import DistillCLI
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+class ParseOnlyCLI(DistillCLI):
+    """Parse and type-check a config without building anything (no teacher checkpoint or data needed)."""
+
+    def instantiate_classes(self) -> None:
+        pass
 
 
 def data_root() -> Path:

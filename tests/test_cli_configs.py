@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distill.cli import DistillCLI
-from tests.conftest import REPO, data_root
+from tests.conftest import REPO, ParseOnlyCLI, data_root
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 TEACHERS = [c for c in CONFIGS if c.stem.endswith("_teacher") or c.stem == "teacher"]
@@ -86,16 +86,9 @@ def test_there_are_configs() -> None:
     assert TEACHERS and len(CONFIGS) >= 5
 
 
-class _ParseOnly(DistillCLI):
-    """Parse and type-check a config without building anything (no teacher checkpoint or data needed)."""
-
-    def instantiate_classes(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
 def test_config_parses(config: Path) -> None:
-    cli = _ParseOnly(args=["-c", str(config)], run=False)
+    cli = ParseOnlyCLI(args=["-c", str(config)], run=False)
     cfg = cli.config
     assert cfg["model"]["class_path"].startswith("distill.")
     assert cfg["data"]["class_path"].startswith("distill.data.")
@@ -105,7 +98,7 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  class_path: distill.modules.Classifier\n  init_args:\n    modle: {}\n")
     with pytest.raises(SystemExit):
-        _ParseOnly(args=["-c", str(bad)], run=False)
+        ParseOnlyCLI(args=["-c", str(bad)], run=False)
     assert "required: model" in capsys.readouterr().err
 
 

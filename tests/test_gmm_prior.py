@@ -309,12 +309,9 @@ def test_sws_configs_parse(name: str, tau: float, warmup: int, gamma: tuple[floa
     config = Path(__file__).resolve().parents[1] / "configs" / "mnist" / f"{name}.yaml"
     if distilled:  # a Distiller loads its teacher checkpoint when built: parse and type-check only (the config is
         # built and trained for two steps against a teacher by test_cli_configs.test_config_fits_two_steps)
+        from tests.conftest import ParseOnlyCLI
 
-        class ParseOnly(DistillCLI):
-            def instantiate_classes(self) -> None:
-                pass
-
-        cfg = ParseOnly(args=["-c", str(config)], run=False).config
+        cfg = ParseOnlyCLI(args=["-c", str(config)], run=False).config
         model = cfg["model"]
         assert model["class_path"] == "distill.modules.Distiller" and model["init_args"]["init_from_teacher"]
         assert model["init_args"]["loss"] == "kd" and str(model["init_args"]["teacher"]).endswith("last.ckpt")
