@@ -1,7 +1,9 @@
 """Cost of the soft weight-sharing prior next to a training step (CPU, or CUDA when available).
 
 Side by side, interleaved in one run: a plain training step (forward, backward, Adam step) against the same step plus
-the prior as ``GMMPrior`` applies it (tabulated gradient added to ``.grad``, mixture gradients, mixture Adam step);
+the prior as ``GMMPrior`` applies it (tabulated gradient added to ``.grad``, mixture gradients, mixture Adam step),
+with its fused numba kernels (``prior``, the default on a CPU) and as ATen ops only (``prior_aten``, ``kernel="torch"``,
+what runs on CUDA);
 then, separately, the naive ``N x (J+1)`` autograd version; relative error of the prior's weight gradient against the
 exact float64 one; on VGG19BN the extra peak memory and the step-time ratio.
 
@@ -32,8 +34,10 @@ from models.lenet import LeNet5Caffe, LeNet300100  # noqa: E402
 from models.vgg import VGG19BN  # noqa: E402
 
 
-def setup(model: nn.Module, device: torch.device, method: str = "auto") -> tuple[GMMPrior, list[nn.Parameter]]:
-    cb = GMMPrior(num_components=16, quantize_on_end=False, save_weights=False, method=method, dataset_size=60000)
+def setup(model: nn.Module, device: torch.device, method: str = "auto", kernel: str = "auto"
+          ) -> tuple[GMMPrior, list[nn.Parameter]]:
+    cb = GMMPrior(num_components=16, quantize_on_end=False, save_weights=False, method=method, dataset_size=60000,
+                  kernel=kernel)
     cb._params = cb.filter_parameters(model)  # type: ignore[arg-type]
     cb.num_weights = sum(p.numel() for p in cb._params.values())
     weights = list(cb._params.values())
@@ -59,6 +63,7 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
     x = torch.randn(batch, *in_shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     cb, weights = setup(model, device)
+    cb_torch, _ = setup(model, device, kernel="torch")  # the same prior as ATen ops only (no numba kernels)
     scale = 5e-3 / 60000
 
     def plain() -> None:
@@ -66,12 +71,17 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    def with_prior() -> None:
-        opt.zero_grad(set_to_none=False)
-        F.cross_entropy(model(x), y).backward()
-        cb.apply_prior_gradient(scale)
-        cb.optimizer.step()  # type: ignore[union-attr]
-        opt.step()
+    def prior_step(prior: GMMPrior) -> Any:
+        def step() -> None:
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x), y).backward()
+            prior.apply_prior_gradient(scale)
+            prior.optimizer.step()  # type: ignore[union-attr]
+            opt.step()
+
+        return step
+
+    with_prior, with_prior_aten = prior_step(cb), prior_step(cb_torch)
 
     def naive_step() -> None:
         opt.zero_grad(set_to_none=False)
@@ -91,7 +101,7 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
         sync(device)
         return time.perf_counter() - t
 
-    fns = {"plain": plain, "prior": with_prior}
+    fns = {"plain": plain, "prior": with_prior, "prior_aten": with_prior_aten}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():  # warm-up
         f()
@@ -114,7 +124,8 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
     rel = float((got - exact).norm() / exact.norm())
     out = {"model": name, "weights": cb.num_weights, "batch": batch, "device": str(device),
            "plain_ms": round(med["plain"], 3), "prior_ms": round(med["prior"], 3),
-           "ratio": round(med["prior"] / med["plain"], 3), "grad_rel_err": rel}
+           "ratio": round(med["prior"] / med["plain"], 3), "prior_aten_ms": round(med["prior_aten"], 3),
+           "ratio_aten": round(med["prior_aten"] / med["plain"], 3), "grad_rel_err": rel}
     if naive:
         out["naive_ms"] = round(med["naive"], 3)
         out["naive_ratio"] = round(med["naive"] / med["plain"], 2)

@@ -29,9 +29,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import nn
+
+from distill import prior_kernels
 
 __all__ = [
     "GaussianMixturePrior",
@@ -48,6 +52,7 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+_Array = TypeVar("_Array", torch.Tensor, np.ndarray)
 DEFAULT_CHUNK = 1 << 16
 
 
@@ -162,10 +167,9 @@ class MixtureGrad:
     grad_log_pis: torch.Tensor
 
 
-def _mixture_param_grads(
-    sums: torch.Tensor, prec: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the mixture parameters from ``R_j = sum r``, ``S_j = sum r d``, ``Q_j = sum r d^2`` (d = w - mu)."""
+def _mixture_param_grads(sums: _Array, prec: _Array) -> tuple[_Array, _Array, _Array]:
+    """Gradients of the mixture parameters from ``R_j = sum r``, ``S_j = sum r d``, ``Q_j = sum r d^2`` (d = w - mu);
+    torch tensors or NumPy arrays alike."""
     r, s, q = sums  # each (J+1,)
     grad_means = -prec * s
     grad_log_precisions = -0.5 * r + 0.5 * prec * q
@@ -240,8 +244,9 @@ class MixtureTable:
     between a narrow component and its neighbours; for the default ``spacing = 0.025`` the relative error of the
     gradients is about ``5e-5`` on a mixture with a 10x narrower zero component (measured in the tests).
 
-    Why not ``torch.compile`` or a custom kernel: a fused kernel saved little more on CPU and cost ~40 s of compile
-    time per process; these passes are plain ATen ops that run anywhere torch does.
+    On a CPU with numba installed (``kernel="auto"``), building the table, the per-weight pass and the binned sums
+    run as fused loops (:mod:`distill.prior_kernels`): one pass over the weights instead of about ten; elsewhere (CUDA,
+    16-bit weights, ``kernel="torch"``) the same algorithm runs as plain ATen ops.
 
     Args:
         means, log_precisions, log_pis: the mixture, ``(J+1,)`` each.
@@ -252,13 +257,15 @@ class MixtureTable:
         subbins: sub-cells per cell for the histogram (a power of two).
         workspace: a dict kept by the caller across steps, holding the per-chunk scratch tensors: fresh megabyte-sized
             allocations every step cost page faults that were a third of the prior's time on a CPU.
+        kernel: ``"auto"`` (the fused numba loops for CPU float32 tensors when numba is installed, else ATen) or
+            ``"torch"`` (ATen ops only).
     """
 
     def __init__(
         self,
-        means: torch.Tensor,
-        log_precisions: torch.Tensor,
-        log_pis: torch.Tensor,
+        means: torch.Tensor | np.ndarray,
+        log_precisions: torch.Tensor | np.ndarray,
+        log_pis: torch.Tensor | np.ndarray,
         lo: float,
         hi: float,
         spacing: float = 0.025,
@@ -267,53 +274,95 @@ class MixtureTable:
         chunk_size: int = 1 << 20,
         subbins: int = 8,
         workspace: dict[str, torch.Tensor] | None = None,
+        kernel: str = "auto",
     ) -> None:
         if subbins < 1 or subbins & (subbins - 1):
             raise ValueError(f"subbins must be a power of two, got {subbins}")
-        m = means.detach().double()
-        lp = log_precisions.detach().double()
-        lpi = log_pis.detach().double()
-        sigma_min = math.exp(-0.5 * float(lp.max()))
+        if kernel not in ("auto", "torch"):
+            raise ValueError(f"kernel must be 'auto' or 'torch', got {kernel!r}")
+        self.device = means.device if isinstance(means, torch.Tensor) else torch.device("cpu")
+        self.fused = kernel == "auto" and prior_kernels.AVAILABLE and self.device.type == "cpu"
+        self.chunk = chunk_size
+        self.subbins = subbins
+        self.fine_counts: torch.Tensor | None = None  # histogram of sub-cell counts, from the first bincount
+        self.workspace = workspace if workspace is not None else {}
+        self._g_start: torch.Tensor | None = None
+        self._slope: torch.Tensor | None = None
+        self._offset: torch.Tensor | None = None
+        if self.fused:  # the small vectors in NumPy: a torch op on a 17-vector costs more than its arithmetic
+            m_np, lp_np, lpi_np = (_host(t) for t in (means, log_precisions, log_pis))
+            lp_max = float(lp_np.max())
+        else:
+            # float32 tables for a mixture given as NumPy arrays, as for the callback's float32 mixture tensors
+            tensors = [a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a, dtype=np.float32))
+                       for a in (means, log_precisions, log_pis)]
+            m, lp, lpi = (t.detach().double() for t in tensors)
+            lp_max = float(lp.max())
+        sigma_min = math.exp(-0.5 * lp_max)
         if not hi > lo:
             hi = lo + sigma_min
         pad = 1e-6 * (hi - lo)
         lo, hi = lo - pad, hi + pad
         self.needed = int(math.ceil((hi - lo) / (spacing * sigma_min)) + 1)
         n = int(min(max(self.needed, min_grid), max_grid))
-        x = torch.linspace(lo, hi, n, dtype=torch.float64, device=means.device)
-        const, prec = _component_log_terms(m, lp, lpi)
-        d = x.unsqueeze(-1) - m  # (G, J+1)
-        logj = torch.addcmul(const, d * d, prec, value=-0.5)
-        lse = torch.logsumexp(logj, dim=-1, keepdim=True)
-        r = logj.sub_(lse).exp_()
-        rd = r * d
-        g = rd @ prec
-        self.prec = prec
         self.size = n
         self.lo = lo
         self.inv_h = (n - 1) / (hi - lo)
-        self.chunk = chunk_size
         self.h = (hi - lo) / (n - 1)
-        self.subbins = subbins
-        dtype = means.dtype
         # positions are measured in sub-cells: u = (w - lo) / h * subbins
         self._u_scale = self.inv_h * subbins
-        # Per sub-cell f (cell k = f // S, position t = frac(u) in [0, 1) within the sub-cell):
-        # g(w) = g_start[f] + t * slope[f], the linear interpolation between grid points k and k + 1 written per
-        # sub-cell, so that one integer index serves both the gathers and the histogram, and frac() gives the position
-        slope = torch.diff(g) / subbins  # (G-1,) per sub-cell unit
-        steps = torch.arange(subbins, dtype=torch.float64, device=means.device)
-        self.g_start = (g[:-1, None] + steps * slope[:, None]).reshape(-1).to(dtype).contiguous()
-        self.slope = slope.repeat_interleave(subbins).to(dtype).contiguous()
         # clamp just inside the last sub-cell: float32 positions have an ulp of up to 1/16 sub-cell on big grids
         n_fine = (n - 1) * subbins
-        self._u_max = float(n_fine) - max(1e-3, 4.0 * math.ldexp(1.0, math.frexp(n_fine)[1] - 24))
-        self._u_offset_t = torch.tensor(-lo * self._u_scale, dtype=dtype, device=means.device)
-        # columns: -log p, then R_j, S_j, Q_j: (G, 1 + 3(J+1)) in float64 for the weighted sums
-        self.stats = torch.cat([-lse, r, rd, rd * d], dim=-1)
         self.n_fine = n_fine
-        self.fine_counts: torch.Tensor | None = None  # histogram of sub-cell counts, from the first bincount
-        self.workspace = workspace if workspace is not None else {}
+        self._u_max = float(n_fine) - max(1e-3, 4.0 * math.ldexp(1.0, math.frexp(n_fine)[1] - 24))
+        # Per sub-cell f (cell k = f // S, position t = frac(u) in [0, 1) within the sub-cell):
+        # g(w) = g_start[f] + t * slope[f], the linear interpolation between grid points k and k + 1 written per
+        # sub-cell, so that one integer index serves both the gathers and the histogram, and frac() gives the position.
+        # stats: columns -log p, then R_j, S_j, Q_j at each grid point: (G, 1 + 3(J+1)) in float64 for the sums.
+        if self.fused:
+            prec_np = np.exp(lp_np)
+            const_np = lpi_np + 0.5 * lp_np - 0.5 * _LOG_2PI
+            self.prec = torch.from_numpy(prec_np)
+            self._table, self.stats = prior_kernels.build_table(m_np, prec_np, const_np, lo, self.h, n, subbins)
+            self._dtype = torch.float32
+        else:
+            const, prec = _component_log_terms(m, lp, lpi)
+            self.prec = prec
+            x = torch.linspace(lo, hi, n, dtype=torch.float64, device=means.device)
+            d = x.unsqueeze(-1) - m  # (G, J+1)
+            logj = torch.addcmul(const, d * d, prec, value=-0.5)
+            lse = torch.logsumexp(logj, dim=-1, keepdim=True)
+            r = logj.sub_(lse).exp_()
+            rd = r * d
+            g = rd @ prec
+            slope = torch.diff(g) / subbins  # (G-1,) per sub-cell unit
+            steps = torch.arange(subbins, dtype=torch.float64, device=means.device)
+            self._dtype = tensors[0].dtype
+            self._g_start = (g[:-1, None] + steps * slope[:, None]).reshape(-1).to(self._dtype).contiguous()
+            self._slope = slope.repeat_interleave(subbins).to(self._dtype).contiguous()
+            self.stats = torch.cat([-lse, r, rd, rd * d], dim=-1)
+            self._offset = torch.tensor(-lo * self._u_scale, dtype=self._dtype, device=self.device)
+
+    # built on first use in the fused mode, whose per-weight pass reads the interleaved table instead
+    @property
+    def g_start(self) -> torch.Tensor:
+        """Interpolated gradient at the start of each sub-cell, ``((G - 1) * subbins,)``."""
+        if self._g_start is None:
+            self._g_start = self._table[:, 0]
+        return self._g_start
+
+    @property
+    def slope(self) -> torch.Tensor:
+        """Gradient slope per sub-cell unit in each sub-cell, ``((G - 1) * subbins,)``."""
+        if self._slope is None:
+            self._slope = self._table[:, 1]
+        return self._slope
+
+    @property
+    def _u_offset_t(self) -> torch.Tensor:
+        if self._offset is None:
+            self._offset = torch.tensor(-self.lo * self._u_scale, dtype=self._dtype, device=self.device)
+        return self._offset
 
     def _scratch(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         buf = self.workspace.get(name)
@@ -342,11 +391,18 @@ class MixtureTable:
     def accumulate_grad(self, w: torch.Tensor, grad: torch.Tensor, alpha: float) -> None:
         """``grad += alpha * d(-log p)/dw`` for every weight of ``w``, and add ``w`` to the binning histogram.
 
-        Nine elementwise passes per weight (position, clamp, index, fraction, two gathers from tables of a few
-        hundred KB at most, two multiply-adds into ``grad``, one ``bincount``). Weights outside ``[lo, hi]`` get the
+        Fused (CPU float32, numba): one pass, :func:`distill.prior_kernels.accumulate`. Otherwise nine elementwise
+        ATen passes per weight (position, clamp, index, fraction, two gathers from tables of a few hundred KB at
+        most, two multiply-adds into ``grad``, one ``bincount``). Weights outside ``[lo, hi]`` get the
         edge values and are counted in the edge sub-cells: build the table over the weights' range.
         """
         flat_w, flat_g = w.detach().reshape(-1), grad.view(-1)
+        if self.fused and prior_kernels.usable(flat_w, flat_g):
+            if self.fine_counts is None:
+                self.fine_counts = torch.zeros(self.n_fine, dtype=torch.int64)
+            prior_kernels.accumulate(flat_w, flat_g, self._table, self.fine_counts, self._u_scale,
+                                     -self.lo * self._u_scale, self._u_max, alpha)
+            return
         for wc, gc in zip(flat_w.split(self.chunk), flat_g.split(self.chunk), strict=True):  # O(chunk) extra memory
             fine, t = self._locate(wc)
             n, dev = fine.numel(), fine.device
@@ -368,16 +424,25 @@ class MixtureTable:
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(nll, grad_means, grad_log_precisions, grad_log_pis)`` of all weights passed to :meth:`accumulate_grad`."""
         counts = self.fine_counts if self.fine_counts is not None else self.g_start.new_zeros(self.n_fine)
-        c = counts.view(self.size - 1, self.subbins).double()
-        t = (torch.arange(self.subbins, dtype=torch.float64, device=c.device) + 0.5) / self.subbins
-        stat_sum = torch.zeros(self.size, dtype=torch.float64, device=c.device)
-        stat_sum[:-1] += c @ (1.0 - t)
-        stat_sum[1:] += c @ t
-        tot = stat_sum @ self.stats  # (1 + 3(J+1),)
+        if self.fused:
+            tot_np, spread = prior_kernels.bin_sums(counts.long(), self.subbins, self.stats)
+            sums_np = tot_np[1:].reshape(3, -1).copy()
+            sums_np[2] -= sums_np[0] * (self.h**2 * spread)  # Sheppard's correction (below)
+            gm_np, gl_np, gp_np = _mixture_param_grads(sums_np, self.prec.numpy())
+            return (torch.tensor(tot_np[0], dtype=torch.float64), torch.from_numpy(gm_np), torch.from_numpy(gl_np),
+                    torch.from_numpy(gp_np))
+        else:
+            c = counts.view(self.size - 1, self.subbins).double()
+            t = (torch.arange(self.subbins, dtype=torch.float64, device=c.device) + 0.5) / self.subbins
+            stat_sum = torch.zeros(self.size, dtype=torch.float64, device=c.device)
+            stat_sum[:-1] += c @ (1.0 - t)
+            stat_sum[1:] += c @ t
+            tot = stat_sum @ self.stats  # (1 + 3(J+1),)
+            spread = float((c @ (t * (1.0 - t))).sum() / c.sum().clamp_min(1.0))
         nll = tot[0]
         sums = tot[1:].view(3, -1).clone()
         # Sheppard's correction: interpolating d^2 linearly between grid points overestimates it by t(1-t) h^2
-        sums[2] -= sums[0] * (self.h**2 * float((c @ (t * (1.0 - t))).sum() / c.sum().clamp_min(1.0)))
+        sums[2] -= sums[0] * (self.h**2 * spread)
         gm, gl, gp = _mixture_param_grads(sums, self.prec)
         return nll, gm, gl, gp
 
@@ -499,6 +564,15 @@ def quantize_weights(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _host(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A small tensor (or array) as a float64 NumPy array on the host."""
+    if isinstance(t, np.ndarray):
+        return t.astype(np.float64, copy=False)
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return t.detach().numpy().astype(np.float64, copy=False)  # no torch dispatch on the per-step path
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
 class GaussianMixturePrior(nn.Module):
     """A mixture of ``J`` learned Gaussians plus a zero component (index 0, mean fixed at 0).
 
@@ -615,47 +689,72 @@ class GaussianMixturePrior(nn.Module):
         """``scale * (-sum_i log p(w_i) + hyper-prior terms)``, differentiable (the reference for the callback)."""
         return scale * (self.nll(weights) + self.hyperprior_nll())
 
+    def host_mixture(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(means, log_precisions, log_pis)``, ``(J+1,)`` float64 NumPy arrays (what the CPU kernels take),
+        computed as :attr:`means` and :meth:`log_pis` compute them."""
+        free, lp, logits = (_host(t) for t in (self.free_means, self.log_precisions, self.mixing_logits))
+        if self.zero_logit is not None:
+            z = float(self.zero_logit.detach())
+            log_p0, log_rest = -float(np.logaddexp(0.0, -z)), -float(np.logaddexp(0.0, z))
+        else:
+            log_p0, log_rest = math.log(self.pi_zero_init), math.log1p(-self.pi_zero_init)
+        shifted = logits - logits.max()
+        log_softmax = shifted - math.log(float(np.exp(shifted).sum()))
+        return np.concatenate(([0.0], free)), lp, np.concatenate(([log_p0], log_rest + log_softmax))
+
     def backward_from_stats(
-        self, grad_means: torch.Tensor, grad_log_precisions: torch.Tensor, grad_log_pis: torch.Tensor, scale: float
-    ) -> torch.Tensor:
+        self, grad_means: _Array, grad_log_precisions: _Array, grad_log_pis: _Array, scale: float
+    ) -> float:
         """Set ``.grad`` of the mixture's parameters to ``scale * (d nll + d hyper-prior)``; return the hyper-prior.
 
         ``grad_*`` are the gradients of ``-sum log p(w_i)`` w.r.t. the full ``(J+1,)`` means, log precisions and
-        log mixing weights (e.g. from :func:`mixture_nll_grad`). The chain rule through the parameterisation (fixed
-        zero mean, logits -> log mixing weights, Gamma/Beta hyper-priors) is written out by hand: autograd on these
-        ``J+1`` vectors cost ~0.5 ms a step on a CPU (graph building for ~30 tiny ops), a tenth of a LeNet-300-100
-        step. :meth:`loss` is the autograd reference it is tested against.
+        log mixing weights (e.g. from :func:`mixture_nll_grad`), tensors or arrays. The chain rule through the
+        parameterisation (fixed zero mean, logits -> log mixing weights, Gamma/Beta hyper-priors) is written out by
+        hand, in float64 NumPy: autograd on these ``J+1`` vectors cost ~0.5 ms a step on a CPU (graph building for
+        ~30 tiny ops), and even as plain torch ops ~0.3 ms, a tenth of a LeNet-300-100 step; NumPy takes ~30 us.
+        :meth:`loss` is the autograd reference it is tested against.
         """
-        with torch.no_grad():
-            lp = self.log_precisions.detach()
-            prec = lp.exp()
-            g_lp = grad_log_precisions.to(lp.dtype).clone()
-            hyper = lp.new_zeros(())
-            # -log Gamma(lambda; a, b) = -(a - 1) log lambda + b lambda + const: d/d log lambda = b lambda - (a - 1)
-            for sl, ab in ((slice(0, 1), self.gamma_zero), (slice(1, None), self.gamma)):
-                if ab is not None:
-                    hyper = hyper - gamma_log_prob(prec[sl], *ab).sum()
-                    g_lp[sl] += ab[1] * prec[sl] - (ab[0] - 1.0)
-            gp = grad_log_pis.to(lp.dtype)
-            rest_sum = gp[1:].sum()
-            # log pi_j = log(1 - pi_0) + log_softmax(logits)_j for j >= 1
-            g_logits = gp[1:] - torch.softmax(self.mixing_logits.detach(), dim=0) * rest_sum
-            grads: dict[str, torch.Tensor] = {
-                "free_means": grad_means[1:].to(lp.dtype),
-                "log_precisions": g_lp,
-                "mixing_logits": g_logits,
-            }
-            if self.zero_logit is not None:
-                # log pi_0 = logsigmoid(z), log(1 - pi_0) = logsigmoid(-z)
-                sig = torch.sigmoid(self.zero_logit.detach())
-                g_z = gp[0] * (1.0 - sig) - rest_sum * sig
-                if self.pi_zero_beta is not None:
-                    a, b = self.pi_zero_beta
-                    hyper = hyper - beta_log_prob(sig, a, b)
-                    g_z = g_z - ((a - 1.0) * (1.0 - sig) - (b - 1.0) * sig)
-                grads["zero_logit"] = g_z.reshape(self.zero_logit.shape)
-            for name, p in self.named_parameters():
-                p.grad = (grads[name] * scale).to(p.dtype) if p.requires_grad else None
+        prec = np.exp(_host(self.log_precisions))
+        g_lp = _host(grad_log_precisions).copy()
+        hyper = 0.0
+        # -log Gamma(lambda; a, b) = -(a - 1) log lambda + b lambda + const: d/d log lambda = b lambda - (a - 1)
+        for sl, ab in ((slice(0, 1), self.gamma_zero), (slice(1, None), self.gamma)):
+            if ab is not None:
+                a, b = ab
+                lam = prec[sl]
+                log_norm = a * math.log(b) - math.lgamma(a)
+                hyper -= float(np.sum(log_norm + (a - 1.0) * np.log(lam) - b * lam))
+                g_lp[sl] += b * lam - (a - 1.0)
+        gp = _host(grad_log_pis)
+        rest_sum = float(gp[1:].sum())
+        # log pi_j = log(1 - pi_0) + log_softmax(logits)_j for j >= 1
+        logits = _host(self.mixing_logits)
+        soft = np.exp(logits - logits.max())
+        soft /= soft.sum()
+        grads: dict[str, np.ndarray] = {
+            "free_means": _host(grad_means)[1:],
+            "log_precisions": g_lp,
+            "mixing_logits": gp[1:] - soft * rest_sum,
+        }
+        if self.zero_logit is not None:
+            # log pi_0 = logsigmoid(z), log(1 - pi_0) = logsigmoid(-z)
+            sig = 0.5 * (1.0 + math.tanh(0.5 * float(self.zero_logit.detach())))
+            g_z = float(gp[0]) * (1.0 - sig) - rest_sum * sig
+            if self.pi_zero_beta is not None:
+                a, b = self.pi_zero_beta
+                log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                hyper -= log_norm + (a - 1.0) * math.log(sig) + (b - 1.0) * math.log1p(-sig)
+                g_z -= (a - 1.0) * (1.0 - sig) - (b - 1.0) * sig
+            grads["zero_logit"] = np.full(tuple(self.zero_logit.shape), g_z)
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                p.grad = None
+                continue
+            g = np.asarray(grads[name] * scale)
+            if p.grad is not None and p.grad.device.type == "cpu" and p.grad.dtype == torch.float32:
+                p.grad.numpy()[...] = g  # in place: the mixture's optimizer never sets its gradients to None
+            else:
+                p.grad = torch.from_numpy(g).to(p.device, p.dtype)
         return hyper
 
     def extra_repr(self) -> str:

@@ -98,9 +98,9 @@ def assert_same(model: nn.Module, mix: nn.Module, ref_model: nn.Module, ref_mix:
         torch.testing.assert_close(a.detach(), b.detach(), rtol=tol, atol=tol, msg=name)
 
 
-@pytest.mark.parametrize("method", ["exact", "table"])
-def test_equals_single_backward_of_loss_plus_prior(trainer_kwargs: dict[str, Any], method: str) -> None:
-    model, cb = fit(trainer_kwargs, 4, method=method)
+@pytest.mark.parametrize(("method", "kernel"), [("exact", "auto"), ("table", "auto"), ("table", "torch")])
+def test_equals_single_backward_of_loss_plus_prior(trainer_kwargs: dict[str, Any], method: str, kernel: str) -> None:
+    model, cb = fit(trainer_kwargs, 4, method=method, kernel=kernel)
     ref_model, ref_mix = reference(4)
     assert_same(model, cb.mixture, ref_model, ref_mix, tol=1e-6 if method == "exact" else 1e-5)
     untouched = Plain()
@@ -271,6 +271,7 @@ def test_nan_weight_raises_with_name_and_step(trainer_kwargs: dict[str, Any]) ->
         ({"num_components": 0}, "num_components"),
         ({"tau": -1.0}, "tau"),
         ({"method": "fast"}, "method"),
+        ({"kernel": "cuda"}, "kernel"),
         ({"pi_zero": 1.5}, "pi_zero"),
         ({"gamma": (1.0,)}, "gamma"),
         ({"lr_means": -1}, "lr_means"),
@@ -343,3 +344,33 @@ def test_kmeans_initial_means_sit_where_the_weights_are() -> None:
     torch.testing.assert_close(spread, torch.linspace(float(w[0].min()), float(w[0].max()), 4))
     with pytest.raises(ValueError, match="init_means must be 'range' or 'kmeans'"):
         GMMPrior(init_means="quantiles")
+
+
+def test_mixture_adam_steps_like_torch_adam_and_shares_its_state_dict() -> None:
+    """The mixture's optimizer runs Adam in NumPy on a CPU: same updates and state as torch's Adam."""
+    from distill.callbacks.gmm_prior import _MixtureAdam
+
+    torch.manual_seed(0)
+    params = [torch.randn(shape, requires_grad=True) for shape in ((17,), (16,), ())]
+    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+
+    def groups(ps: list[torch.Tensor]) -> list[dict[str, Any]]:
+        return [{"params": ps[:1], "lr": 3e-3}, {"params": ps[1:], "lr": 1e-4, "betas": (0.8, 0.99)}]
+
+    opt, ref = _MixtureAdam(groups(params)), torch.optim.Adam(groups(ref_params), foreach=False)
+    assert opt._host_ok()
+    for step in range(30):
+        g = torch.Generator().manual_seed(step)
+        for p, q in zip(params, ref_params, strict=True):
+            p.grad = torch.randn(p.shape, generator=g) * 10.0 ** (step % 3 - 2)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    state = opt.state_dict()
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(state["state"][1][key], ref.state_dict()["state"][1][key], rtol=1e-6, atol=1e-9)
+    restored = torch.optim.Adam(groups([p.detach().clone().requires_grad_(True) for p in params]))
+    restored.load_state_dict(state)  # checkpoints interchange with torch's Adam
+    assert not _MixtureAdam(groups(params), amsgrad=True)._host_ok()  # falls back to torch's step

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import distributions as D
 
+from distill import prior_kernels
 from distill.priors import (
     GaussianMixturePrior,
     MixtureTable,
@@ -63,12 +65,15 @@ def test_exact_gradients_match_autograd_reference() -> None:
     torch.testing.assert_close(total - lpi.exp() * total.sum(), gp, rtol=1e-10, atol=1e-8)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
 @pytest.mark.parametrize("narrow", [0.02, 0.002])
-def test_table_gradients_within_1e4_of_exact(narrow: float) -> None:
+def test_table_gradients_within_1e4_of_exact(narrow: float, kernel: str) -> None:
     means, lp, lpi = _mixture(j=16, narrow=narrow)
     w = _weights(200_000).float()
     exact = mixture_nll_grad([w], means, lp, lpi)
-    table = MixtureTable(means.float(), lp.float(), lpi.float(), float(w.min()), float(w.max()), chunk_size=30_000)
+    table = MixtureTable(means.float(), lp.float(), lpi.float(), float(w.min()), float(w.max()), chunk_size=30_000,
+                         kernel=kernel)
+    assert table.fused == (kernel == "auto" and prior_kernels.AVAILABLE)
     grad = torch.zeros_like(w)
     table.accumulate_grad(w, grad, alpha=1.0)
     nll, gm, gl, gp = table.result()
@@ -82,6 +87,58 @@ def test_table_gradients_within_1e4_of_exact(narrow: float) -> None:
     assert rel(gm[1:], exact.grad_means[1:]) < 1e-4  # the zero mean is fixed: its gradient is never used
     assert rel(gl, exact.grad_log_precisions) < 1e-4
     assert rel(gp, exact.grad_log_pis) < 1e-4
+
+
+@pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")
+def test_fused_kernels_agree_with_aten_ops() -> None:
+    """The numba loops and the ATen ops run the same algorithm: equal up to float32 rounding, with a mixture given as
+    NumPy arrays (the callback's CPU path) or tensors, over several tensors and weights beyond the table's range."""
+    means, lp, lpi = _mixture(j=16, narrow=0.005)
+    ws = [_weights(70_001, seed=s).float() for s in (1, 2)]
+    lo, hi = min(float(w.min()) for w in ws) + 0.01, max(float(w.max()) for w in ws)  # some weights clamp
+    fused = MixtureTable(means.numpy(), lp.numpy(), lpi.numpy(), lo, hi)
+    aten = MixtureTable(means.float(), lp.float(), lpi.float(), lo, hi, kernel="torch")
+    assert fused.fused and not aten.fused and fused.size == aten.size
+    grads = {}
+    for name, table in (("fused", fused), ("aten", aten)):
+        gs = [torch.full_like(w, 0.5) for w in ws]
+        for w, g in zip(ws, gs, strict=True):
+            table.accumulate_grad(w, g, alpha=0.3)
+        grads[name] = (torch.cat(gs), table.result(), table.fine_counts)
+    g_f, res_f, counts_f = grads["fused"]
+    g_a, res_a, counts_a = grads["aten"]
+    assert int((counts_f - counts_a).abs().sum()) <= 4  # float32 positions on a sub-cell edge may round either way
+    torch.testing.assert_close(g_f, g_a, rtol=1e-5, atol=1e-5 * float(g_a.abs().max()))
+    for a, b in zip(res_f, res_a, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+    torch.testing.assert_close(fused.grad(ws[0]), aten.grad(ws[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_table_without_numba_runs_aten(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prior_kernels, "AVAILABLE", False)
+    means, lp, lpi = _mixture()
+    w = _weights(20_000).float()
+    table = MixtureTable(means.numpy(), lp.numpy(), lpi.numpy(), float(w.min()), float(w.max()))
+    assert not table.fused and table.g_start.dtype == torch.float32
+    grad = torch.zeros_like(w)
+    table.accumulate_grad(w, grad, alpha=1.0)
+    exact = mixture_nll_grad([w], means, lp, lpi).grad_w[0]
+    assert float((grad.double() - exact).norm() / exact.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("pi_zero_beta", [None, (2.0, 0.5)])
+def test_host_mixture_equals_the_module_tensors(pi_zero_beta: tuple[float, float] | None) -> None:
+    torch.manual_seed(0)
+    prior = GaussianMixturePrior(5, (-0.4, 0.4), pi_zero=0.95, pi_zero_beta=pi_zero_beta)
+    with torch.no_grad():
+        prior.mixing_logits.normal_()
+        prior.log_precisions.add_(torch.randn(6))
+    means, lp, lpi = prior.host_mixture()
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float64 and a.shape == (6,) for a in (means, lp, lpi))
+    np.testing.assert_allclose(means, prior.means.detach().double().numpy(), rtol=1e-7)
+    np.testing.assert_allclose(lp, prior.log_precisions.detach().double().numpy(), rtol=1e-7)
+    np.testing.assert_allclose(lpi, prior.log_pis().detach().double().numpy(), rtol=1e-6, atol=1e-6)
+    assert np.exp(lpi).sum() == pytest.approx(1.0, abs=1e-12)
 
 
 def test_table_clamps_weights_just_outside_its_range() -> None:
