@@ -3,11 +3,11 @@
 Why hand-written: the prior's work per weight is tiny (a position on a grid, two table reads, a multiply-add into
 ``.grad``, one histogram count), so as a chain of ATen ops it is bound by the ~10 passes over memory and their dispatch,
 not by arithmetic: the prior cost ~1.9x a LeNet-300-100 step on a CPU that way. Fused, it is one read of each weight
-and one read-modify-write of its gradient (in blocks of 4096 weights: a vectorised loop for the positions, then a scalar
-one for the gathers and the histogram). No library offers this fusion on CPU: ``torch.compile`` produced a kernel of about
-the same speed after ~40 s of compilation per process, and a C++ extension needs a compiler at run time. numba
-compiles these loops in 1-2 s, once (cached on disk), and is optional: without it, or for tensors that are not
-contiguous float32 on the CPU, :class:`~distill.priors.MixtureTable` runs the same algorithm as ATen ops.
+and one read-modify-write of its gradient (in blocks of 4096 weights: a vectorised loop for the positions, then a
+scalar one for the gathers and the histogram). No library offers this fusion on CPU: ``torch.compile`` produced a
+kernel of about the same speed after ~40 s of compilation per process, and a C++ extension needs a compiler at run
+time. numba compiles these loops in 1-2 s, once (cached on disk), and is optional: without it, or for tensors that are
+not contiguous float32 on the CPU, :class:`~distill.priors.MixtureTable` runs the same algorithm as ATen ops.
 
 All kernels are single-threaded (torch's intra-op threads stay free for the network) and release the GIL.
 """
