@@ -35,8 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill import prior_kernels
-
 __all__ = [
     "GaussianMixturePrior",
     "MixtureGrad",
@@ -281,6 +279,10 @@ class MixtureTable:
         if kernel not in ("auto", "torch"):
             raise ValueError(f"kernel must be 'auto' or 'torch', got {kernel!r}")
         self.device = means.device if isinstance(means, torch.Tensor) else torch.device("cpu")
+        # numba is imported here, on the first table built, not with the package (it adds ~0.35 s to every start)
+        from distill import prior_kernels
+
+        self._kernels = prior_kernels
         self.fused = kernel == "auto" and prior_kernels.AVAILABLE and self.device.type == "cpu"
         self.chunk = chunk_size
         self.subbins = subbins
@@ -323,7 +325,7 @@ class MixtureTable:
             prec_np = np.exp(lp_np)
             const_np = lpi_np + 0.5 * lp_np - 0.5 * _LOG_2PI
             self.prec = torch.from_numpy(prec_np)
-            self._table, self.stats = prior_kernels.build_table(m_np, prec_np, const_np, lo, self.h, n, subbins)
+            self._table, self.stats = self._kernels.build_table(m_np, prec_np, const_np, lo, self.h, n, subbins)
             self._dtype = torch.float32
         else:
             const, prec = _component_log_terms(m, lp, lpi)
@@ -397,10 +399,10 @@ class MixtureTable:
         edge values and are counted in the edge sub-cells: build the table over the weights' range.
         """
         flat_w, flat_g = w.detach().reshape(-1), grad.view(-1)
-        if self.fused and prior_kernels.usable(flat_w, flat_g):
+        if self.fused and self._kernels.usable(flat_w, flat_g):
             if self.fine_counts is None:
                 self.fine_counts = torch.zeros(self.n_fine, dtype=torch.int64)
-            prior_kernels.accumulate(flat_w, flat_g, self._table, self.fine_counts, self._u_scale,
+            self._kernels.accumulate(flat_w, flat_g, self._table, self.fine_counts, self._u_scale,
                                      -self.lo * self._u_scale, self._u_max, alpha)
             return
         for wc, gc in zip(flat_w.split(self.chunk), flat_g.split(self.chunk), strict=True):  # O(chunk) extra memory
@@ -425,7 +427,7 @@ class MixtureTable:
         """``(nll, grad_means, grad_log_precisions, grad_log_pis)`` of all weights passed to :meth:`accumulate_grad`."""
         counts = self.fine_counts if self.fine_counts is not None else self.g_start.new_zeros(self.n_fine)
         if self.fused:
-            tot_np, spread = prior_kernels.bin_sums(counts.long(), self.subbins, self.stats)
+            tot_np, spread = self._kernels.bin_sums(counts.long(), self.subbins, self.stats)
             sums_np = tot_np[1:].reshape(3, -1).copy()
             sums_np[2] -= sums_np[0] * (self.h**2 * spread)  # Sheppard's correction (below)
             gm_np, gl_np, gp_np = _mixture_param_grads(sums_np, self.prec.numpy())
