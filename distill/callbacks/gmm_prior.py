@@ -96,17 +96,16 @@ class _MixtureAdam(torch.optim.Adam):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                step_t = state["step"]
+                step_t = state["step"].numpy()  # a 0-d float32 tensor, as torch keeps it
                 step_t += 1.0
                 n = float(step_t)
                 w, g = p.detach().numpy(), p.grad.detach().numpy()
                 m, v = state["exp_avg"].numpy(), state["exp_avg_sq"].numpy()
+                step_size, bc2_sqrt = lr / (1.0 - beta1**n), math.sqrt(1.0 - beta2**n)
                 m += np.float32(1.0 - beta1) * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
                 v *= np.float32(beta2)
                 v += np.float32(1.0 - beta2) * g * g
-                step_size = lr / (1.0 - beta1**n)
-                denom = np.sqrt(v) / np.float32(math.sqrt(1.0 - beta2**n)) + np.float32(eps)
-                w -= np.float32(step_size) * (m / denom)
+                w -= np.float32(step_size) * (m / (np.sqrt(v) / np.float32(bc2_sqrt) + np.float32(eps)))
         return None
 
 
