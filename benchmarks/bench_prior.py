@@ -9,6 +9,7 @@ exact float64 one; on VGG19BN the extra peak memory and the step-time ratio.
 
     python benchmarks/bench_prior.py                 # LeNet-300-100, LeNet5Caffe, VGG19BN (batch 8)
     python benchmarks/bench_prior.py --skip-vgg --threads 1
+    python benchmarks/bench_prior.py --skip-vgg --trained runs/lenet300_100_sws/checkpoints/last.ckpt
 """
 
 from __future__ import annotations
@@ -55,8 +56,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def trained_state(path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(network state_dict, GMMPrior mixture state)`` from a ``distill fit`` checkpoint of a run with a GMMPrior:
+    late in training the components are narrow (std ~0.003-0.005) and the table has ~10x the points of the fresh
+    mixture the default benchmark uses."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    prior = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("GMMPrior")), None)
+    if prior is None:
+        raise SystemExit(f"{path}: no GMMPrior state in this checkpoint (a run with distill.callbacks.GMMPrior?)")
+    net = {k.split(".", 1)[1]: v for k, v in ckpt["state_dict"].items() if k.startswith(("model.", "student."))}
+    return net, prior["mixture"]
+
+
 def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], device: torch.device, reps: int,
-          naive: bool) -> dict[str, Any]:
+          naive: bool, state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    if state is not None:
+        model.load_state_dict(state[0])
     model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     skip_idle_graph_capture_check(opt)  # as distill's modules build it (no per-step NVML probe without a GPU)
@@ -64,6 +79,9 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
     y = torch.randint(0, 10, (batch,), device=device)
     cb, weights = setup(model, device)
     cb_torch, _ = setup(model, device, kernel="torch")  # the same prior as ATen ops only (no numba kernels)
+    if state is not None:
+        for prior in (cb, cb_torch):
+            prior.mixture.load_state_dict({k: v.to(device) for k, v in state[1].items()})
     scale = 5e-3 / 60000
 
     def plain() -> None:
@@ -170,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-vgg", action="store_true")
     parser.add_argument("--vgg-batch", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trained", metavar="CKPT", help="also time LeNet-300-100 with the weights and mixture of "
+                        "this checkpoint (e.g. runs/lenet300_100_sws/checkpoints/last.ckpt)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -180,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     nets = (("LeNet-300-100", LeNet300100(), (1, 28, 28)), ("LeNet5Caffe", LeNet5Caffe(), (1, 28, 28)))
     for name, model, shape in nets:
         results.append(bench(name, model, 128, shape, device, args.reps, naive=True))
+        print(json.dumps(results[-1]), flush=True)
+    if args.trained:
+        results.append(bench("LeNet-300-100, trained", LeNet300100(), 128, (1, 28, 28), device, args.reps,
+                             naive=False, state=trained_state(args.trained)))
         print(json.dumps(results[-1]), flush=True)
     if not args.skip_vgg:
         results.append(bench("VGG19BN", VGG19BN(), args.vgg_batch, (3, 32, 32), device, max(3, args.reps // 10),

@@ -320,12 +320,14 @@ class MixtureTable:
         # Per sub-cell f (cell k = f // S, position t = frac(u) in [0, 1) within the sub-cell):
         # g(w) = g_start[f] + t * slope[f], the linear interpolation between grid points k and k + 1 written per
         # sub-cell, so that one integer index serves both the gathers and the histogram, and frac() gives the position.
-        # stats: columns -log p, then R_j, S_j, Q_j at each grid point: (G, 1 + 3(J+1)) in float64 for the sums.
+        # stats: columns -log p, then R_j, S_j, Q_j at each grid point: (G, 1 + 3(J+1)) in float64 for the sums
+        # (fused: -log p and R_j only, (G, 1 + (J+1)); the kernel that sums forms S_j and Q_j).
         if self.fused:
             prec_np = np.exp(lp_np)
             const_np = lpi_np + 0.5 * lp_np - 0.5 * _LOG_2PI
             self.prec = torch.from_numpy(prec_np)
             self._table, self.stats = self._kernels.build_table(m_np, prec_np, const_np, lo, self.h, n, subbins)
+            self._means = m_np
             self._dtype = torch.float32
         else:
             const, prec = _component_log_terms(m, lp, lpi)
@@ -427,7 +429,8 @@ class MixtureTable:
         """``(nll, grad_means, grad_log_precisions, grad_log_pis)`` of all weights passed to :meth:`accumulate_grad`."""
         counts = self.fine_counts if self.fine_counts is not None else self.g_start.new_zeros(self.n_fine)
         if self.fused:
-            tot_np, spread = self._kernels.bin_sums(counts.long(), self.subbins, self.stats)
+            tot_np, spread = self._kernels.bin_sums(counts.long(), self.subbins, self.stats, self._means, self.lo,
+                                                    self.h)
             sums_np = tot_np[1:].reshape(3, -1).copy()
             sums_np[2] -= sums_np[0] * (self.h**2 * spread)  # Sheppard's correction (below)
             gm_np, gl_np, gp_np = _mixture_param_grads(sums_np, self.prec.numpy())
