@@ -73,7 +73,7 @@ def _build_kernel(
         s = 0.0
         for j in range(k1):
             v = logj[j] - mx
-            e = math.exp(v) if v > -60.0 else 0.0  # below e^-60 of the largest term: nothing at float64 precision
+            e = math.exp(v) if v > -37.0 else 0.0  # below 2^-53 of the largest term: lost in the float64 sum
             logj[j] = e
             s += e
         lse = mx + math.log(s)
@@ -83,7 +83,8 @@ def _build_kernel(
         for j in range(k1):
             r = logj[j] * inv
             stats[k, 1 + j] = r  # r d and r d^2 are formed in _bin_kernel: a third of the memory traffic
-            gk += r * (x - means[j]) * prec[j]
+            if r != 0.0:
+                gk += r * (x - means[j]) * prec[j]
         g[k] = gk
     for k in range(n - 1):
         slope = (g[k + 1] - g[k]) / subbins
