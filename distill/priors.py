@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -165,7 +165,7 @@ class MixtureGrad:
     grad_log_pis: torch.Tensor
 
 
-def _mixture_param_grads(sums: _Array, prec: _Array) -> tuple[_Array, _Array, _Array]:
+def _mixture_param_grads(sums: Sequence[_Array] | _Array, prec: _Array) -> tuple[_Array, _Array, _Array]:
     """Gradients of the mixture parameters from ``R_j = sum r``, ``S_j = sum r d``, ``Q_j = sum r d^2`` (d = w - mu);
     torch tensors or NumPy arrays alike."""
     r, s, q = sums  # each (J+1,)
@@ -332,7 +332,7 @@ class MixtureTable:
         else:
             const, prec = _component_log_terms(m, lp, lpi)
             self.prec = prec
-            x = torch.linspace(lo, hi, n, dtype=torch.float64, device=means.device)
+            x = torch.linspace(lo, hi, n, dtype=torch.float64, device=self.device)
             d = x.unsqueeze(-1) - m  # (G, J+1)
             logj = torch.addcmul(const, d * d, prec, value=-0.5)
             lse = torch.logsumexp(logj, dim=-1, keepdim=True)
@@ -340,7 +340,7 @@ class MixtureTable:
             rd = r * d
             g = rd @ prec
             slope = torch.diff(g) / subbins  # (G-1,) per sub-cell unit
-            steps = torch.arange(subbins, dtype=torch.float64, device=means.device)
+            steps = torch.arange(subbins, dtype=torch.float64, device=self.device)
             self._dtype = tensors[0].dtype
             self._g_start = (g[:-1, None] + steps * slope[:, None]).reshape(-1).to(self._dtype).contiguous()
             self._slope = slope.repeat_interleave(subbins).to(self._dtype).contiguous()
@@ -428,14 +428,11 @@ class MixtureTable:
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(nll, grad_means, grad_log_precisions, grad_log_pis)`` of all weights passed to :meth:`accumulate_grad`."""
         counts = self.fine_counts if self.fine_counts is not None else self.g_start.new_zeros(self.n_fine)
+        tot: Any  # (1 + 3(J+1),) sums, and the precisions: NumPy arrays on the fused path, tensors otherwise
+        prec: Any
         if self.fused:
-            tot_np, spread = self._kernels.bin_sums(counts.long(), self.subbins, self.stats, self._means, self.lo,
-                                                    self.h)
-            sums_np = tot_np[1:].reshape(3, -1).copy()
-            sums_np[2] -= sums_np[0] * (self.h**2 * spread)  # Sheppard's correction (below)
-            gm_np, gl_np, gp_np = _mixture_param_grads(sums_np, self.prec.numpy())
-            return (torch.tensor(tot_np[0], dtype=torch.float64), torch.from_numpy(gm_np), torch.from_numpy(gl_np),
-                    torch.from_numpy(gp_np))
+            tot, spread = self._kernels.bin_sums(counts.long(), self.subbins, self.stats, self._means, self.lo, self.h)
+            prec = self.prec.numpy()  # NumPy on the CPU path: no dispatch cost on 17-vectors
         else:
             c = counts.view(self.size - 1, self.subbins).double()
             t = (torch.arange(self.subbins, dtype=torch.float64, device=c.device) + 0.5) / self.subbins
@@ -444,11 +441,15 @@ class MixtureTable:
             stat_sum[1:] += c @ t
             tot = stat_sum @ self.stats  # (1 + 3(J+1),)
             spread = float((c @ (t * (1.0 - t))).sum() / c.sum().clamp_min(1.0))
-        nll = tot[0]
-        sums = tot[1:].view(3, -1).clone()
+            prec = self.prec
+        r, s, q = tot[1:].reshape(3, -1)
         # Sheppard's correction: interpolating d^2 linearly between grid points overestimates it by t(1-t) h^2
-        sums[2] -= sums[0] * (self.h**2 * spread)
-        gm, gl, gp = _mixture_param_grads(sums, self.prec)
+        q = q - r * (self.h**2 * spread)
+        gm, gl, gp = _mixture_param_grads((r, s, q), prec)
+        nll = tot[0]
+        if self.fused:
+            return (torch.tensor(nll, dtype=torch.float64), torch.from_numpy(gm), torch.from_numpy(gl),
+                    torch.from_numpy(gp))
         return nll, gm, gl, gp
 
 
