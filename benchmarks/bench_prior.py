@@ -60,6 +60,8 @@ def trained_state(path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.T
     """``(network state_dict, GMMPrior mixture state)`` from a ``distill fit`` checkpoint of a run with a GMMPrior:
     late in training the components are narrow (std ~0.003-0.005) and the table has ~10x the points of the fresh
     mixture the default benchmark uses."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--trained {path}: no such file (a distill fit checkpoint, e.g. its last.ckpt)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     prior = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("GMMPrior")), None)
     if prior is None:
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trained", metavar="CKPT", help="also time LeNet-300-100 with the weights and mixture of "
                         "this checkpoint (e.g. runs/lenet300_100_sws/checkpoints/last.ckpt)")
     args = parser.parse_args(argv)
+    trained = trained_state(args.trained) if args.trained else None  # a bad path fails before any timing
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = []
@@ -201,9 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, model, shape in nets:
         results.append(bench(name, model, 128, shape, device, args.reps, naive=True))
         print(json.dumps(results[-1]), flush=True)
-    if args.trained:
+    if trained is not None:
         results.append(bench("LeNet-300-100, trained", LeNet300100(), 128, (1, 28, 28), device, args.reps,
-                             naive=False, state=trained_state(args.trained)))
+                             naive=False, state=trained))
         print(json.dumps(results[-1]), flush=True)
     if not args.skip_vgg:
         results.append(bench("VGG19BN", VGG19BN(), args.vgg_batch, (3, 32, 32), device, max(3, args.reps // 10),
