@@ -131,9 +131,11 @@ def _positions(
 def _gather_count(
     grad: np.ndarray, cell: np.ndarray, frac: np.ndarray, table: np.ndarray, counts: np.ndarray, alpha: np.float32
 ) -> None:  # pragma: no cover - compiled
+    # table: the (start, slope) pairs as complex64, one 8-byte load instead of two (the loop is bound by its loads)
     for i in range(grad.shape[0]):
         f = cell[i]
-        grad[i] += alpha * (table[f, 0] + frac[i] * table[f, 1])
+        entry = table[f]
+        grad[i] += alpha * (entry.real + frac[i] * entry.imag)
         counts[f] += 1
 
 
@@ -159,11 +161,12 @@ def accumulate(
 ) -> None:
     """``grad += alpha * g(w)`` (interpolated from ``table``) and ``counts[sub-cell of w] += 1``.
 
-    ``w`` and ``grad`` are CPU float32 contiguous tensors of the same size (see :func:`usable`), ``counts`` int64.
-    Positions are ``clamp(w * u_scale + u_offset, 0, u_max)`` in sub-cell units, as in ``MixtureTable._locate``.
+    ``w`` and ``grad`` are CPU float32 contiguous tensors of the same size (see :func:`usable`), ``counts`` int32 or
+    int64 (int32: half the cache footprint; the caller keeps the total below 2^31). Positions are
+    ``clamp(w * u_scale + u_offset, 0, u_max)`` in sub-cell units, as in ``MixtureTable._locate``.
     """
     _accumulate_kernel(
-        w.reshape(-1).numpy(), grad.view(-1).numpy(), table.numpy(), counts.numpy(),
+        w.reshape(-1).numpy(), grad.view(-1).numpy(), table.numpy().view(np.complex64).reshape(-1), counts.numpy(),
         np.float32(u_scale), np.float32(u_offset), np.float32(u_max), np.float32(alpha),
     )
 
@@ -212,3 +215,145 @@ def bin_sums(
     out = np.zeros(1 + 3 * means.shape[0], dtype=np.float64)
     total, spread = _bin_kernel(counts.numpy(), int(subbins), stats.numpy(), means, float(lo), float(h), out)
     return out, float(spread) / max(float(total), 1.0)
+
+
+# -- the mixture's own (J+1)-vectors ----------------------------------------------------------------------------------
+# The parameterisation (means, log mixing weights), its chain rule with the hyper-priors, and Adam on the mixture each
+# took 10-40 NumPy calls of 1-3 us on vectors of J + 1 numbers: ~0.3 ms a step together, a quarter of the prior's cost
+# on LeNet-300-100. Compiled, each is one call of ~1 us. Without numba they run as Python loops (slower, same result).
+
+
+@_jit
+def _host_mixture_kernel(
+    free: np.ndarray, lp: np.ndarray, logits: np.ndarray, log_p0: float, log_rest: float,
+    means: np.ndarray, lp_out: np.ndarray, lpi: np.ndarray,
+) -> bool:  # pragma: no cover - compiled
+    k = free.shape[0]
+    means[0] = 0.0
+    lpi[0] = log_p0
+    mx = -np.inf
+    for j in range(k):
+        means[j + 1] = float(free[j])  # float(): float64 arithmetic for float32 inputs, compiled or not
+        if float(logits[j]) > mx:
+            mx = float(logits[j])
+    s = 0.0
+    for j in range(k):
+        s += math.exp(float(logits[j]) - mx)
+    log_s = math.log(s)
+    for j in range(k):
+        lpi[j + 1] = log_rest + ((float(logits[j]) - mx) - log_s)
+    for j in range(k + 1):
+        lp_out[j] = float(lp[j])
+    finite = True
+    for j in range(k + 1):
+        finite = finite and math.isfinite(means[j]) and math.isfinite(lp_out[j]) and math.isfinite(lpi[j])
+    return finite
+
+
+def host_mixture(
+    free: np.ndarray, lp: np.ndarray, logits: np.ndarray, log_p0: float, log_rest: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """``(means, log_precisions, log_pis, all finite)``, float64 arrays, from the free means, log-precisions and
+    mixing logits (``log pi_0 = log_p0``, ``log pi_j = log_rest + log_softmax(logits)_j``)."""
+    k1 = lp.shape[0]
+    means, lp_out, lpi = np.empty(k1), np.empty(k1), np.empty(k1)
+    finite = _host_mixture_kernel(free, lp, logits, float(log_p0), float(log_rest), means, lp_out, lpi)
+    return means, lp_out, lpi, bool(finite)
+
+
+@_jit
+def _chain_rule_kernel(
+    gm: np.ndarray, gl: np.ndarray, gp: np.ndarray, lp: np.ndarray, logits: np.ndarray, z: float, has_z: bool,
+    gz_a: float, gz_b: float, g_a: float, g_b: float, beta_a: float, beta_b: float, scale: float,
+    g_free: np.ndarray, g_lp: np.ndarray, g_logits: np.ndarray, g_z: np.ndarray,
+) -> tuple[float, bool]:  # pragma: no cover - compiled
+    k1 = lp.shape[0]
+    hyper = 0.0
+    finite = True
+    # -log Gamma(lambda; a, b) = -(a - 1) log lambda + b lambda + const: d/d log lambda = b lambda - (a - 1)
+    for j in range(k1):
+        a = gz_a if j == 0 else g_a
+        b = gz_b if j == 0 else g_b
+        g = gl[j]
+        if a > 0.0:
+            lam = math.exp(lp[j])
+            hyper -= (a * math.log(b) - math.lgamma(a)) + (a - 1.0) * lp[j] - b * lam
+            g += b * lam - (a - 1.0)
+        g *= scale
+        finite = finite and math.isfinite(g)
+        g_lp[j] = g
+    # log pi_j = log(1 - pi_0) + log_softmax(logits)_j for j >= 1
+    rest_sum = 0.0
+    for j in range(1, k1):
+        rest_sum += gp[j]
+    mx = -np.inf
+    for j in range(k1 - 1):
+        if logits[j] > mx:
+            mx = logits[j]
+    s = 0.0
+    for j in range(k1 - 1):
+        s += math.exp(logits[j] - mx)
+    for j in range(k1 - 1):
+        g = (gp[j + 1] - math.exp(logits[j] - mx) / s * rest_sum) * scale
+        finite = finite and math.isfinite(g)
+        g_logits[j] = g
+        g = gm[j + 1] * scale
+        finite = finite and math.isfinite(g)
+        g_free[j] = g
+    if has_z:
+        # log pi_0 = logsigmoid(z), log(1 - pi_0) = logsigmoid(-z); Beta(a, b) hyper-prior on pi_0
+        sig = 0.5 * (1.0 + math.tanh(0.5 * z))
+        g = gp[0] * (1.0 - sig) - rest_sum * sig
+        if beta_a > 0.0:
+            log_norm = math.lgamma(beta_a + beta_b) - math.lgamma(beta_a) - math.lgamma(beta_b)
+            hyper -= log_norm + (beta_a - 1.0) * math.log(sig) + (beta_b - 1.0) * math.log1p(-sig)
+            g -= (beta_a - 1.0) * (1.0 - sig) - (beta_b - 1.0) * sig
+        g *= scale
+        finite = finite and math.isfinite(g)
+        g_z[0] = g
+    return hyper, finite and math.isfinite(hyper)
+
+
+def chain_rule(
+    grads: tuple[np.ndarray, np.ndarray, np.ndarray], lp: np.ndarray, logits: np.ndarray, zero_logit: float | None,
+    gamma_zero: tuple[float, ...] | None, gamma: tuple[float, ...] | None,
+    pi_zero_beta: tuple[float, ...] | None, scale: float, out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[float, bool]:
+    """The mixture parameters' gradients from the gradients of ``-sum log p(w_i)`` w.r.t. the full ``(J+1,)`` means,
+    log precisions and log mixing weights (``grads``), through the parameterisation and the hyper-priors, times
+    ``scale``; written into ``out = (free_means, log_precisions, mixing_logits, zero_logit)`` (any float arrays).
+
+    Returns:
+        ``(hyper-prior nll, whether every output is finite)``.
+    """
+    gz, g, beta = gamma_zero or (0.0, 0.0), gamma or (0.0, 0.0), pi_zero_beta or (0.0, 0.0)
+    hyper, finite = _chain_rule_kernel(
+        grads[0], grads[1], grads[2], lp, logits, 0.0 if zero_logit is None else float(zero_logit),
+        zero_logit is not None, float(gz[0]), float(gz[1]), float(g[0]), float(g[1]), float(beta[0]),
+        float(beta[1]), float(scale), *out,
+    )
+    return float(hyper), bool(finite)
+
+
+@_jit
+def _adam_kernel(
+    w: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, one_minus_b1: np.float32, b2: np.float32,
+    one_minus_b2: np.float32, step_size: np.float32, bc2_sqrt: np.float32, eps: np.float32,
+) -> None:  # pragma: no cover - compiled
+    # torch's single-tensor Adam in float32, operation for operation: lerp_, mul_ + addcmul_, sqrt / bc2 + eps, addcdiv_
+    for i in range(w.shape[0]):
+        gi = g[i]
+        mi = m[i] + one_minus_b1 * (gi - m[i])
+        vi = v[i] * b2 + one_minus_b2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        w[i] -= step_size * (mi / (np.sqrt(vi) / bc2_sqrt + eps))
+
+
+def adam_update(
+    w: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, beta1: float, beta2: float, step_size: float,
+    bc2_sqrt: float, eps: float,
+) -> None:
+    """One Adam update of float32 arrays in place (flat views), as ``torch.optim.Adam(foreach=False)`` computes it."""
+    f = np.float32
+    _adam_kernel(w, g, m, v, f(1.0 - beta1), f(beta2), f(1.0 - beta2), f(step_size), f(bc2_sqrt), f(eps))

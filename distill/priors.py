@@ -287,6 +287,7 @@ class MixtureTable:
         self.chunk = chunk_size
         self.subbins = subbins
         self.fine_counts: torch.Tensor | None = None  # histogram of sub-cell counts, from the first bincount
+        self._counted = 0
         self.workspace = workspace if workspace is not None else {}
         self._g_start: torch.Tensor | None = None
         self._slope: torch.Tensor | None = None
@@ -403,7 +404,10 @@ class MixtureTable:
         flat_w, flat_g = w.detach().reshape(-1), grad.view(-1)
         if self.fused and self._kernels.usable(flat_w, flat_g):
             if self.fine_counts is None:
-                self.fine_counts = torch.zeros(self.n_fine, dtype=torch.int64)
+                self.fine_counts = torch.zeros(self.n_fine, dtype=torch.int32)
+            self._counted += flat_w.numel()
+            if self._counted >= 2**31 and self.fine_counts.dtype == torch.int32:
+                self.fine_counts = self.fine_counts.long()  # a sub-cell could overflow int32
             self._kernels.accumulate(flat_w, flat_g, self._table, self.fine_counts, self._u_scale,
                                      -self.lo * self._u_scale, self._u_max, alpha)
             return
@@ -427,11 +431,19 @@ class MixtureTable:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(nll, grad_means, grad_log_precisions, grad_log_pis)`` of all weights passed to :meth:`accumulate_grad`."""
+        nll, gm, gl, gp = self._result()
+        if self.fused:
+            return (torch.tensor(nll, dtype=torch.float64), torch.from_numpy(gm), torch.from_numpy(gl),
+                    torch.from_numpy(gp))
+        return nll, gm, gl, gp
+
+    def _result(self) -> tuple[Any, Any, Any, Any]:
+        """:meth:`result`; float64 NumPy arrays (and a float) on the fused path, for the mixture's compiled update."""
         counts = self.fine_counts if self.fine_counts is not None else self.g_start.new_zeros(self.n_fine)
         tot: Any  # (1 + 3(J+1),) sums, and the precisions: NumPy arrays on the fused path, tensors otherwise
         prec: Any
         if self.fused:
-            tot, spread = self._kernels.bin_sums(counts.long(), self.subbins, self.stats, self._means, self.lo, self.h)
+            tot, spread = self._kernels.bin_sums(counts, self.subbins, self.stats, self._means, self.lo, self.h)
             prec = self.prec.numpy()  # NumPy on the CPU path: no dispatch cost on 17-vectors
         else:
             c = counts.view(self.size - 1, self.subbins).double()
@@ -446,11 +458,7 @@ class MixtureTable:
         # Sheppard's correction: interpolating d^2 linearly between grid points overestimates it by t(1-t) h^2
         q = q - r * (self.h**2 * spread)
         gm, gl, gp = _mixture_param_grads((r, s, q), prec)
-        nll = tot[0]
-        if self.fused:
-            return (torch.tensor(nll, dtype=torch.float64), torch.from_numpy(gm), torch.from_numpy(gl),
-                    torch.from_numpy(gp))
-        return nll, gm, gl, gp
+        return tot[0], gm, gl, gp
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -568,6 +576,14 @@ def quantize_weights(
 # ----------------------------------------------------------------------------------------------------------------------
 # The module
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def _host_view(t: torch.Tensor) -> np.ndarray:
+    """A small CPU float tensor as a NumPy view (no copy, no cast; the kernels take float32 or float64), else a
+    float64 copy on the host."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return t.detach().numpy()
+    return t.detach().to("cpu", torch.float64).numpy()
 
 
 def _host(t: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -698,15 +714,19 @@ class GaussianMixturePrior(nn.Module):
     def host_mixture(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(means, log_precisions, log_pis)``, ``(J+1,)`` float64 NumPy arrays (what the CPU kernels take),
         computed as :attr:`means` and :meth:`log_pis` compute them."""
-        free, lp, logits = (_host(t) for t in (self.free_means, self.log_precisions, self.mixing_logits))
+        return self._host_mixture()[:3]  # type: ignore[return-value]
+
+    def _host_mixture(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """:meth:`host_mixture`, and whether all three are finite."""
+        from distill import prior_kernels  # numba: imported on first use, not with the package
+
         if self.zero_logit is not None:
             z = float(self.zero_logit.detach())
             log_p0, log_rest = -float(np.logaddexp(0.0, -z)), -float(np.logaddexp(0.0, z))
         else:
             log_p0, log_rest = math.log(self.pi_zero_init), math.log1p(-self.pi_zero_init)
-        shifted = logits - logits.max()
-        log_softmax = shifted - math.log(float(np.exp(shifted).sum()))
-        return np.concatenate(([0.0], free)), lp, np.concatenate(([log_p0], log_rest + log_softmax))
+        free, lp, logits = (_host_view(t) for t in (self.free_means, self.log_precisions, self.mixing_logits))
+        return prior_kernels.host_mixture(free, lp, logits, log_p0, log_rest)
 
     def backward_from_stats(
         self, grad_means: _Array, grad_log_precisions: _Array, grad_log_pis: _Array, scale: float
@@ -716,52 +736,46 @@ class GaussianMixturePrior(nn.Module):
         ``grad_*`` are the gradients of ``-sum log p(w_i)`` w.r.t. the full ``(J+1,)`` means, log precisions and
         log mixing weights (e.g. from :func:`mixture_nll_grad`), tensors or arrays. The chain rule through the
         parameterisation (fixed zero mean, logits -> log mixing weights, Gamma/Beta hyper-priors) is written out by
-        hand, in float64 NumPy: autograd on these ``J+1`` vectors cost ~0.5 ms a step on a CPU (graph building for
-        ~30 tiny ops), and even as plain torch ops ~0.3 ms, a tenth of a LeNet-300-100 step; NumPy takes ~30 us.
-        :meth:`loss` is the autograd reference it is tested against.
+        hand, in float64, compiled (:func:`distill.prior_kernels.chain_rule`): autograd on these ``J+1`` vectors
+        cost ~0.5 ms a step on a CPU (graph building for ~30 tiny ops), plain torch ops ~0.3 ms, NumPy ~0.1 ms (a
+        tenth of a LeNet-300-100 step at the time), the compiled loop a few microseconds. :meth:`loss` is the
+        autograd reference it is tested against.
         """
-        prec = np.exp(_host(self.log_precisions))
-        g_lp = _host(grad_log_precisions).copy()
-        hyper = 0.0
-        # -log Gamma(lambda; a, b) = -(a - 1) log lambda + b lambda + const: d/d log lambda = b lambda - (a - 1)
-        for sl, ab in ((slice(0, 1), self.gamma_zero), (slice(1, None), self.gamma)):
-            if ab is not None:
-                a, b = ab
-                lam = prec[sl]
-                log_norm = a * math.log(b) - math.lgamma(a)
-                hyper -= float(np.sum(log_norm + (a - 1.0) * np.log(lam) - b * lam))
-                g_lp[sl] += b * lam - (a - 1.0)
-        gp = _host(grad_log_pis)
-        rest_sum = float(gp[1:].sum())
-        # log pi_j = log(1 - pi_0) + log_softmax(logits)_j for j >= 1
-        logits = _host(self.mixing_logits)
-        soft = np.exp(logits - logits.max())
-        soft /= soft.sum()
-        grads: dict[str, np.ndarray] = {
-            "free_means": _host(grad_means)[1:],
-            "log_precisions": g_lp,
-            "mixing_logits": gp[1:] - soft * rest_sum,
-        }
-        if self.zero_logit is not None:
-            # log pi_0 = logsigmoid(z), log(1 - pi_0) = logsigmoid(-z)
-            sig = 0.5 * (1.0 + math.tanh(0.5 * float(self.zero_logit.detach())))
-            g_z = float(gp[0]) * (1.0 - sig) - rest_sum * sig
-            if self.pi_zero_beta is not None:
-                a, b = self.pi_zero_beta
-                log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                hyper -= log_norm + (a - 1.0) * math.log(sig) + (b - 1.0) * math.log1p(-sig)
-                g_z -= (a - 1.0) * (1.0 - sig) - (b - 1.0) * sig
-            grads["zero_logit"] = np.full(tuple(self.zero_logit.shape), g_z)
-        for name, p in self.named_parameters():
+        return self._backward_from_stats(grad_means, grad_log_precisions, grad_log_pis, scale)[0]
+
+    def _backward_from_stats(
+        self, grad_means: _Array, grad_log_precisions: _Array, grad_log_pis: _Array, scale: float
+    ) -> tuple[float, bool]:
+        """:meth:`backward_from_stats`, and whether every gradient it set is finite."""
+        from distill import prior_kernels
+
+        params = (self.free_means, self.log_precisions, self.mixing_logits, self.zero_logit)
+        outs: list[np.ndarray] = []
+        in_place: list[bool] = []
+        for p in params:
+            g = None if p is None else p.grad
+            view = (g is not None and g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
+                    and g.is_contiguous())
+            # in place where possible: the mixture's optimizer never sets its gradients to None
+            if g is not None and view:
+                outs.append(g.detach().numpy().reshape(-1))
+            else:
+                outs.append(np.zeros(max(p.numel(), 1) if p is not None else 1))
+            in_place.append(view)
+        grads = (_host(grad_means), _host(grad_log_precisions), _host(grad_log_pis))
+        zero_logit = float(self.zero_logit.detach()) if self.zero_logit is not None else None
+        hyper, finite = prior_kernels.chain_rule(
+            grads, _host(self.log_precisions), _host(self.mixing_logits), zero_logit, self.gamma_zero, self.gamma,
+            self.pi_zero_beta, scale, (outs[0], outs[1], outs[2], outs[3]),
+        )
+        for p, out, done in zip(params, outs, in_place, strict=True):
+            if p is None:
+                continue
             if not p.requires_grad:
                 p.grad = None
-                continue
-            g = np.asarray(grads[name] * scale)
-            if p.grad is not None and p.grad.device.type == "cpu" and p.grad.dtype == torch.float32:
-                p.grad.numpy()[...] = g  # in place: the mixture's optimizer never sets its gradients to None
-            else:
-                p.grad = torch.from_numpy(g).to(p.device, p.dtype)
-        return hyper
+            elif not done:
+                p.grad = torch.from_numpy(out.reshape(p.shape)).to(p.device, p.dtype)
+        return hyper, finite
 
     def extra_repr(self) -> str:
         return f"J={self.num_components}, pi_zero={'learned' if self.zero_logit is not None else self.pi_zero_init}"

@@ -374,3 +374,32 @@ def test_mixture_adam_steps_like_torch_adam_and_shares_its_state_dict() -> None:
     restored = torch.optim.Adam(groups([p.detach().clone().requires_grad_(True) for p in params]))
     restored.load_state_dict(state)  # checkpoints interchange with torch's Adam
     assert not _MixtureAdam(groups(params), amsgrad=True)._host_ok()  # falls back to torch's step
+
+
+def test_mixture_adam_fast_step_follows_replaced_gradients_and_state() -> None:
+    """``fast_step`` keeps NumPy views between steps; a new gradient tensor or a loaded state must not be missed."""
+    from distill.callbacks.gmm_prior import _MixtureAdam
+
+    torch.manual_seed(0)
+    params = [torch.randn(shape, requires_grad=True) for shape in ((17,), (16,))]
+    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = _MixtureAdam([{"params": params[:1], "lr": 3e-3}, {"params": params[1:], "lr": 1e-3}])
+    ref = torch.optim.Adam([{"params": ref_params[:1], "lr": 3e-3}, {"params": ref_params[1:], "lr": 1e-3}],
+                           foreach=False)
+    for step in range(12):
+        g = torch.Generator().manual_seed(step)
+        for i, (p, q) in enumerate(zip(params, ref_params, strict=True)):
+            new = torch.randn(p.shape, generator=g)
+            if step in (0, 5) or i == 1 and step == 7:
+                p.grad = new.clone()  # a fresh tensor: the cached view would write to the old one
+            else:
+                p.grad.copy_(new)  # type: ignore[union-attr]
+            q.grad = new.clone()
+        if step == 9:  # a resumed run: the state tensors are replaced
+            opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # a copy: loading shares the tensors
+        if step == 10:
+            opt.param_groups[1]["lr"] = ref.param_groups[1]["lr"] = 5e-4  # a schedule
+        opt.fast_step()
+        ref.step()
+        for p, q in zip(params, ref_params, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=f"step {step}")

@@ -270,3 +270,23 @@ def test_table_handles_16_bit_weights(dtype: torch.dtype) -> None:
     ref = table.grad(w16.float())
     torch.testing.assert_close(grad.float(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
     assert int(table.fine_counts.sum()) == w.numel()  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")
+def test_mixture_kernels_are_correct_as_plain_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without numba the mixture's compiled loops run as Python functions: same results."""
+    for name in ("_host_mixture_kernel", "_chain_rule_kernel", "_adam_kernel"):
+        monkeypatch.setattr(prior_kernels, name, getattr(prior_kernels, name).py_func)
+    test_host_mixture_equals_the_module_tensors((2.0, 0.5))
+    test_module_gradients_from_stats_equal_autograd((50.0, 1.0), (5000.0, 2.0))
+    test_module_gradients_from_stats_equal_autograd(None, None)
+    w, g = np.linspace(-1, 1, 7, dtype=np.float32), np.linspace(0.5, -0.5, 7, dtype=np.float32)
+    m, v = np.full(7, 0.1, np.float32), np.full(7, 0.2, np.float32)
+    ref = torch.from_numpy(w.copy()).requires_grad_(True)
+    opt = torch.optim.Adam([ref], lr=1e-2, foreach=False)
+    opt.state[ref] = {"step": torch.tensor(2.0), "exp_avg": torch.from_numpy(m.copy()),
+                      "exp_avg_sq": torch.from_numpy(v.copy())}
+    ref.grad = torch.from_numpy(g.copy())
+    opt.step()
+    prior_kernels.adam_update(w, g, m, v, 0.9, 0.999, 1e-2 / (1 - 0.9**3), (1 - 0.999**3) ** 0.5, 1e-8)
+    np.testing.assert_allclose(w, ref.detach().numpy(), rtol=1e-6)

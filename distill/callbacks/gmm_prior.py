@@ -64,11 +64,12 @@ METHODS = ("auto", "exact", "table")
 
 
 class _MixtureAdam(torch.optim.Adam):
-    """torch's Adam (same arguments, state and ``state_dict``), stepping small CPU float32 tensors in NumPy.
+    """torch's Adam (same arguments, state and ``state_dict``), stepping small CPU float32 tensors in one compiled loop.
 
     The mixture's four tensors hold ``J + 1`` numbers each; torch's step costs ~0.15-0.4 ms on a CPU even fused
-    (per-group dispatch and ~10 tiny ops per tensor, 5-10% of a LeNet-300-100 step) for a few hundred flops. The same
-    arithmetic as torch's single-tensor Adam, in NumPy on the tensors' memory, takes ~30 us (tested against
+    (per-group dispatch and ~10 tiny ops per tensor, 5-10% of a LeNet-300-100 step) for a few hundred flops, NumPy
+    ~0.1 ms. The same arithmetic as torch's single-tensor Adam, operation for operation in float32, on the tensors'
+    memory (:func:`distill.prior_kernels.adam_update`), takes a few microseconds (tested against
     ``torch.optim.Adam``). Anything else (CUDA tensors, a closure, amsgrad, maximize, weight decay) is torch's step.
     """
 
@@ -77,7 +78,9 @@ class _MixtureAdam(torch.optim.Adam):
             if group["amsgrad"] or group["maximize"] or group["weight_decay"] or group.get("differentiable"):
                 return False
             for p in group["params"]:
-                if p.device.type != "cpu" or p.dtype != torch.float32 or (p.grad is not None and p.grad.is_sparse):
+                if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
+                    return False
+                if p.grad is not None and (p.grad.is_sparse or not p.grad.is_contiguous()):
                     return False
         return True
 
@@ -85,35 +88,61 @@ class _MixtureAdam(torch.optim.Adam):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         if closure is not None or not self._host_ok():
             return super().step(closure)
+        self._host_step(self._host_views())
+        return None
+
+    def fast_step(self) -> None:
+        """:meth:`step` without torch's per-call wrapper (a profiler range and the step hooks, ~30 us): the call the
+        callback makes every training step. The NumPy views of the tensors are kept while the tensors stay the same
+        (same gradient and state objects, same parameter memory)."""
+        cache = self._view_cache
+        if cache is None or self._cache_key != [len(g["params"]) for g in self.param_groups] or not all(
+            p.grad is g and self.state[p].get("exp_avg_sq") is v and p.data_ptr() == ptr for p, g, v, ptr, _ in cache
+        ):
+            if not self._host_ok():
+                self.step()
+                return
+            cache = self._host_views()
+        self._host_step(cache)
+
+    _view_cache: list[tuple[torch.Tensor, Any, Any, int, tuple[Any, ...] | None]] | None = None
+    _cache_key: list[int] | None = None
+
+    def _host_views(self) -> list[tuple[torch.Tensor, Any, Any, int, tuple[Any, ...] | None]]:
+        """Per parameter with a gradient: the tensors that identify the cache, and the flat NumPy views
+        ``(group, step, param, grad, exp_avg, exp_avg_sq)`` the update writes through."""
+        views: list[tuple[torch.Tensor, Any, Any, int, tuple[Any, ...] | None]] = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps = float(group["lr"]), float(group["eps"])
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None:  # kept, so that a gradient appearing later invalidates the cache
+                    views.append((p, None, self.state[p].get("exp_avg_sq"), p.data_ptr(), None))
                     continue
                 state = self.state[p]
                 if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)  # a 0-d float32 tensor, as torch keeps it
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                step_t = state["step"].numpy()  # a 0-d float32 tensor, as torch keeps it
-                step_t += 1.0
-                n = float(step_t)
-                w, g = p.detach().numpy(), p.grad.detach().numpy()
-                m, v = state["exp_avg"].numpy(), state["exp_avg_sq"].numpy()
-                step_size, bc2_sqrt = lr / (1.0 - beta1**n), math.sqrt(1.0 - beta2**n)
-                m += np.float32(1.0 - beta1) * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
-                v *= np.float32(beta2)
-                v += np.float32(1.0 - beta2) * g * g
-                w -= np.float32(step_size) * (m / (np.sqrt(v) / np.float32(bc2_sqrt) + np.float32(eps)))
-        return None
+                flat = (group, state["step"].numpy(), p.detach().numpy().reshape(-1),
+                        p.grad.detach().numpy().reshape(-1), state["exp_avg"].numpy().reshape(-1),
+                        state["exp_avg_sq"].numpy().reshape(-1))
+                views.append((p, p.grad, state["exp_avg_sq"], p.data_ptr(), flat))
+        self._view_cache = views
+        self._cache_key = [len(g["params"]) for g in self.param_groups]
+        return views
 
+    @staticmethod
+    def _host_step(views: list[tuple[torch.Tensor, Any, Any, int, tuple[Any, ...] | None]]) -> None:
+        from distill import prior_kernels  # numba: imported on first use, not with the package
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN/inf in ``t`` (NumPy for a CPU tensor: no dispatch cost on the per-step path)."""
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
-        return bool(np.isfinite(t.detach().numpy()).all())
-    return bool(torch.isfinite(t).all())
+        for _, _, _, _, flat in views:
+            if flat is None:
+                continue
+            group, step_t, w, g, m, v = flat
+            beta1, beta2 = group["betas"]
+            step_t += 1.0
+            n = float(step_t)
+            prior_kernels.adam_update(w, g, m, v, beta1, beta2, float(group["lr"]) / (1.0 - beta1**n),
+                                      math.sqrt(1.0 - beta2**n), float(group["eps"]))
 
 
 def _positive_pair(name: str, value: Any) -> tuple[float, float] | None:
@@ -390,7 +419,10 @@ class GMMPrior(Callback):
         scale = self.current_tau(trainer.current_epoch) / float(self.dataset_size or 1)
         self.apply_prior_gradient(scale=scale, step=trainer.global_step)
         if not self._network_step_skipped(trainer, optimizer):
-            self.optimizer.step()
+            if isinstance(self.optimizer, _MixtureAdam):
+                self.optimizer.fast_step()
+            else:
+                self.optimizer.step()
 
     def _weight_ranges(self, params: list[nn.Parameter]) -> list[tuple[float, float]]:
         """``(min, max)`` of each compressed tensor (a non-finite value makes them non-finite), one host sync."""
@@ -412,8 +444,8 @@ class GMMPrior(Callback):
         mix = self.mixture
         params = list(self._params.values())
         with torch.no_grad():
-            means_np, lp_np, lpi_np = mix.host_mixture()
-            if not all(np.isfinite(a).all() for a in (means_np, lp_np, lpi_np)):
+            means_np, lp_np, lpi_np, mixture_finite = mix._host_mixture()
+            if not mixture_finite:
                 for name, q in mix.named_parameters():
                     self._check_finite(f"mixture parameter {name!r}", q.detach(), step)
                 raise FloatingPointError(f"GMMPrior: non-finite mixing weights at global step {step}")
@@ -442,15 +474,15 @@ class GMMPrior(Callback):
             if table is not None:
                 for p in params:
                     table.accumulate_grad(p.detach(), p.grad, alpha=scale)  # type: ignore[arg-type]
-                nll, gm, gl, gp = table.result()
+                nll, gm, gl, gp = table._result()
             else:
                 means, lp, lpi = on_device()
                 res = mixture_nll_grad([p.detach() for p in params], means, lp, lpi)
                 for p, g in zip(params, res.grad_w, strict=True):
                     p.grad.add_(g.to(p.grad.dtype), alpha=scale)  # type: ignore[union-attr]
                 nll, gm, gl, gp = res.nll, res.grad_means, res.grad_log_precisions, res.grad_log_pis
-            hyper = mix.backward_from_stats(gm, gl, gp, scale)
-        if not all(_all_finite(q.grad) for q in mix.parameters() if q.grad is not None):
+            hyper, finite = mix._backward_from_stats(gm, gl, gp, scale)
+        if not finite:
             for name, q in mix.named_parameters():
                 self._check_finite(f"the gradient of mixture parameter {name!r}", q.grad, step)  # type: ignore[arg-type]
         loss = scale * (float(nll) + hyper)
