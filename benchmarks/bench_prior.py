@@ -96,7 +96,7 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
             opt.zero_grad(set_to_none=False)
             F.cross_entropy(model(x), y).backward()
             prior.apply_prior_gradient(scale)
-            prior.optimizer.step()  # type: ignore[union-attr]
+            prior.step_mixture()  # as the callback does in on_before_optimizer_step
             opt.step()
 
         return step

@@ -419,10 +419,14 @@ class GMMPrior(Callback):
         scale = self.current_tau(trainer.current_epoch) / float(self.dataset_size or 1)
         self.apply_prior_gradient(scale=scale, step=trainer.global_step)
         if not self._network_step_skipped(trainer, optimizer):
-            if isinstance(self.optimizer, _MixtureAdam):
-                self.optimizer.fast_step()
-            else:
-                self.optimizer.step()
+            self.step_mixture()
+
+    def step_mixture(self) -> None:
+        """One optimizer step of the mixture's parameters (after :meth:`apply_prior_gradient` set their gradients)."""
+        if isinstance(self.optimizer, _MixtureAdam):
+            self.optimizer.fast_step()
+        elif self.optimizer is not None:
+            self.optimizer.step()
 
     def _weight_ranges(self, params: list[nn.Parameter]) -> list[tuple[float, float]]:
         """``(min, max)`` of each compressed tensor (a non-finite value makes them non-finite), one host sync."""
