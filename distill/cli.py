@@ -36,7 +36,8 @@ class DistillCLI(LightningCLI):
     * a TensorBoard logger writing under ``runs/<name>/version_N``,
     * a :class:`~pytorch_lightning.callbacks.ModelCheckpoint` on ``val/acc`` plus ``last.ckpt``, configurable as
       ``checkpoint.*``,
-    * a fixed seed (42) unless the config says otherwise.
+    * a fixed seed (42) unless the config says otherwise,
+    * no profiler, without the cost of Lightning's default no-op one (:class:`distill.module_utils.NoOpProfiler`).
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
@@ -47,6 +48,7 @@ class DistillCLI(LightningCLI):
                 "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": DEFAULT_RUN_ROOT, "name": "default"},
             },
+            "profiler": {"class_path": "distill.module_utils.NoOpProfiler"},
         }
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(

@@ -147,3 +147,18 @@ def test_command_line_entry_point_reads_argv_without_warnings(
     assert exit_info.value.code in (0, None)
     assert "max_epochs" in capsys.readouterr().out
     assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
+def test_default_profiler_is_the_cheap_no_op_and_a_real_one_replaces_it(tmp_path: Path) -> None:
+    from pytorch_lightning.profilers import SimpleProfiler
+
+    from distill.module_utils import NoOpProfiler
+
+    config = REPO / "configs" / "quickstart" / "teacher.yaml"
+    base = ["-c", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    cli = DistillCLI(args=base, run=False)
+    assert isinstance(cli.trainer.profiler, NoOpProfiler)
+    with cli.trainer.profiler.profile("a") as first, cli.trainer.profiler.profile("b") as second:
+        assert first is None and second is None  # a shared no-op context, reentrant
+    cli = DistillCLI(args=[*base, "--trainer.profiler", "simple"], run=False)
+    assert isinstance(cli.trainer.profiler, SimpleProfiler)
