@@ -224,6 +224,21 @@ def bin_sums(
 
 
 @_jit
+def _log_softmax(x: np.ndarray, out: np.ndarray, base: float) -> None:  # pragma: no cover - compiled
+    """``out[j] = base + log_softmax(x)_j`` in float64 (float(): also for float32 inputs, compiled or not)."""
+    mx = -np.inf
+    for j in range(x.shape[0]):
+        if float(x[j]) > mx:
+            mx = float(x[j])
+    s = 0.0
+    for j in range(x.shape[0]):
+        s += math.exp(float(x[j]) - mx)
+    log_s = math.log(s)
+    for j in range(x.shape[0]):
+        out[j] = base + ((float(x[j]) - mx) - log_s)
+
+
+@_jit
 def _host_mixture_kernel(
     free: np.ndarray, lp: np.ndarray, logits: np.ndarray, log_p0: float, log_rest: float,
     means: np.ndarray, lp_out: np.ndarray, lpi: np.ndarray,
@@ -231,17 +246,9 @@ def _host_mixture_kernel(
     k = free.shape[0]
     means[0] = 0.0
     lpi[0] = log_p0
-    mx = -np.inf
     for j in range(k):
-        means[j + 1] = float(free[j])  # float(): float64 arithmetic for float32 inputs, compiled or not
-        if float(logits[j]) > mx:
-            mx = float(logits[j])
-    s = 0.0
-    for j in range(k):
-        s += math.exp(float(logits[j]) - mx)
-    log_s = math.log(s)
-    for j in range(k):
-        lpi[j + 1] = log_rest + ((float(logits[j]) - mx) - log_s)
+        means[j + 1] = float(free[j])
+    _log_softmax(logits, lpi[1:], log_rest)
     for j in range(k + 1):
         lp_out[j] = float(lp[j])
     finite = True
@@ -286,15 +293,10 @@ def _chain_rule_kernel(
     rest_sum = 0.0
     for j in range(1, k1):
         rest_sum += gp[j]
-    mx = -np.inf
+    log_soft = np.empty(k1 - 1)
+    _log_softmax(logits, log_soft, 0.0)
     for j in range(k1 - 1):
-        if logits[j] > mx:
-            mx = logits[j]
-    s = 0.0
-    for j in range(k1 - 1):
-        s += math.exp(logits[j] - mx)
-    for j in range(k1 - 1):
-        g = (gp[j + 1] - math.exp(logits[j] - mx) / s * rest_sum) * scale
+        g = (gp[j + 1] - math.exp(log_soft[j]) * rest_sum) * scale
         finite = finite and math.isfinite(g)
         g_logits[j] = g
         g = gm[j + 1] * scale

@@ -754,14 +754,14 @@ class GaussianMixturePrior(nn.Module):
         in_place: list[bool] = []
         for p in params:
             g = None if p is None else p.grad
-            view = (g is not None and g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
-                    and g.is_contiguous())
             # in place where possible: the mixture's optimizer never sets its gradients to None
-            if g is not None and view:
+            if g is not None and g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) \
+                    and g.is_contiguous():
                 outs.append(g.detach().numpy().reshape(-1))
+                in_place.append(True)
             else:
                 outs.append(np.zeros(max(p.numel(), 1) if p is not None else 1))
-            in_place.append(view)
+                in_place.append(False)
         grads = (_host(grad_means), _host(grad_log_precisions), _host(grad_log_pis))
         zero_logit = float(self.zero_logit.detach()) if self.zero_logit is not None else None
         hyper, finite = prior_kernels.chain_rule(
