@@ -300,6 +300,18 @@ def test_warmup_and_callable_tau() -> None:
     assert copy.deepcopy(cb).current_tau(0) == pytest.approx(0.025)
 
 
+def test_tau_schedule_is_piecewise_constant_from_its_first_epochs() -> None:
+    cb = GMMPrior(tau={"20": 0.1, 0: 1.0, 25: 0.0}, warmup_epochs=1)  # keys from YAML may come as strings
+    assert cb.tau == {0: 1.0, 20: 0.1, 25: 0.0}
+    taus = [cb.current_tau(e) for e in (0, 1, 19, 20, 24, 25, 40)]
+    assert taus == pytest.approx([0.5, 1.0, 1.0, 0.1, 0.1, 0.0, 0.0])
+    assert cb._history_json()["hyperprior"]["tau"] == {"0": 1.0, "20": 0.1, "25": 0.0}
+    for bad, match in (({5: 1.0}, "from epoch 0 on"), ({0: 1.0, 2.5: 0.1}, "2.5"), ({0: -1.0}, "tau schedule"),
+                       ({0: 1.0, "x": 0.1}, "'x'")):
+        with pytest.raises(ValueError, match=match):
+            GMMPrior(tau=bad)
+
+
 @pytest.mark.parametrize(
     ("name", "tau", "warmup", "gamma", "distilled"),
     [("lenet300_100_sws", 0.03, 5, (25.0, 0.01), False), ("lenet5_caffe_sws", 0.2, 5, (250.0, 0.1), True)],

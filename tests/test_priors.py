@@ -112,6 +112,14 @@ def test_fused_kernels_agree_with_aten_ops() -> None:
     for a, b in zip(res_f, res_a, strict=True):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6 * float(b.abs().max()))
     torch.testing.assert_close(fused.grad(ws[0]), aten.grad(ws[0]), rtol=1e-5, atol=1e-5)
+    # the callback's path: the same kernel on NumPy views, without the per-call checks: identical
+    host = MixtureTable(means.numpy(), lp.numpy(), lpi.numpy(), lo, hi)
+    gs = [torch.full_like(w, 0.5) for w in ws]
+    for w, g in zip(ws, gs, strict=True):
+        host.accumulate_host(w.numpy().reshape(-1), g.numpy().reshape(-1), 0.3)
+    assert torch.equal(torch.cat(gs), g_f) and torch.equal(host.fine_counts, counts_f)
+    for a, b in zip(host.result(), res_f, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_table_without_numba_runs_aten(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,6 +147,29 @@ def test_host_mixture_equals_the_module_tensors(pi_zero_beta: tuple[float, float
     np.testing.assert_allclose(lp, prior.log_precisions.detach().double().numpy(), rtol=1e-7)
     np.testing.assert_allclose(lpi, prior.log_pis().detach().double().numpy(), rtol=1e-6, atol=1e-6)
     assert np.exp(lpi).sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_host_mixture_follows_every_change_of_the_parameters() -> None:
+    """The host views are kept between calls: in-place updates, new memory and new dtypes must all show."""
+    prior = GaussianMixturePrior(3, (-0.3, 0.3))
+
+    def check() -> None:
+        means, lp, lpi = prior.host_mixture()
+        np.testing.assert_allclose(means, prior.means.detach().double().numpy(), rtol=1e-7)
+        np.testing.assert_allclose(lp, prior.log_precisions.detach().double().numpy(), rtol=1e-7)
+        np.testing.assert_allclose(lpi, prior.log_pis().detach().double().numpy(), rtol=1e-6)
+
+    check()
+    with torch.no_grad():
+        prior.free_means.add_(0.1)  # in place: the same memory
+        prior.mixing_logits.copy_(torch.tensor([1.0, -1.0, 0.5]))
+    check()
+    prior.log_precisions.data = torch.full((4,), 7.0)  # new memory behind the same parameter
+    check()
+    prior.double()  # new memory and dtype for all three
+    with torch.no_grad():
+        prior.free_means.mul_(2.0)
+    check()
 
 
 def test_table_clamps_weights_just_outside_its_range() -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,23 @@ def _positive_pair(name: str, value: Any) -> tuple[float, float] | None:
     return a, b
 
 
+def _tau_schedule(tau: Mapping[Any, Any]) -> dict[int, float]:
+    """``{first epoch: tau}`` checked and sorted; it must start at epoch 0."""
+    out: dict[int, float] = {}
+    for e, v in tau.items():
+        try:
+            epoch, value = int(e), float(v)
+        except (TypeError, ValueError):
+            epoch, value = -1, math.nan
+        if epoch < 0 or str(e).strip() != str(epoch) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"tau schedule: each entry must be 'first epoch (integer >= 0): tau (number >= 0)', got "
+                             f"{e!r}: {v!r} in {dict(tau)!r}")
+        out[epoch] = value
+    if 0 not in out:
+        raise ValueError(f"tau schedule {dict(tau)!r} must give tau from epoch 0 on, e.g. {{0: 1.0, 20: 0.1}}")
+    return dict(sorted(out.items()))
+
+
 class GMMPrior(Callback):
     """Train the compressed weights of any LightningModule under a learned Gaussian-mixture prior.
 
@@ -168,7 +185,10 @@ class GMMPrior(Callback):
 
     Args:
         num_components: ``J >= 1`` non-zero components (plus the zero component).
-        tau: weight of the prior: a number, or a function ``epoch -> tau``.
+        tau: weight of the prior: a number; a mapping ``{first epoch: tau}``, piecewise constant (YAML:
+            ``tau: {0: 1.0, 20: 0.1}``: a strong prior that sparsifies for 20 epochs, then a weak one under which the
+            surviving weights recover accuracy while the zero component keeps its members); or a function
+            ``epoch -> tau``.
         warmup_epochs: ramp ``tau`` linearly over this many epochs (factor ``(epoch + 1) / (warmup_epochs + 1)``).
         dataset_size: ``N`` in ``tau / N``; ``None`` infers it from the train dataloader (its dataset's length, else
             batches x batch size x world size).
@@ -201,7 +221,7 @@ class GMMPrior(Callback):
     def __init__(
         self,
         num_components: int = 16,
-        tau: float | Callable[[int], float] = 5e-3,
+        tau: float | dict[int, float] | Callable[[int], float] = 5e-3,
         warmup_epochs: int = 0,
         dataset_size: int | None = None,
         pi_zero: float = 0.999,
@@ -226,8 +246,11 @@ class GMMPrior(Callback):
         super().__init__()
         if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be an integer J >= 1, got {num_components!r}")
-        if not callable(tau) and not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
-            raise ValueError(f"tau must be a number >= 0 or a function epoch -> tau, got {tau!r}")
+        if isinstance(tau, Mapping):
+            tau = _tau_schedule(tau)
+        elif not callable(tau) and not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"tau must be a number >= 0, a mapping {{first epoch: tau}} or a function epoch -> tau, "
+                             f"got {tau!r}")
         if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
         if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
@@ -304,7 +327,10 @@ class GMMPrior(Callback):
 
     def current_tau(self, epoch: int) -> float:
         """``tau`` at ``epoch`` (the function or value, times the warm-up ramp)."""
-        tau = float(self.tau(epoch)) if callable(self.tau) else float(self.tau)
+        if isinstance(self.tau, dict):
+            tau = next(v for e, v in reversed(self.tau.items()) if epoch >= e)
+        else:
+            tau = float(self.tau(epoch)) if callable(self.tau) else float(self.tau)
         if self.warmup_epochs > 0:
             tau *= min(1.0, (epoch + 1) / (self.warmup_epochs + 1))
         return tau
@@ -428,10 +454,18 @@ class GMMPrior(Callback):
         elif self.optimizer is not None:
             self.optimizer.step()
 
-    def _weight_ranges(self, params: list[nn.Parameter]) -> list[tuple[float, float]]:
+    @staticmethod
+    def _host_arrays(params: list[nn.Parameter]) -> list[np.ndarray] | None:
+        """Flat NumPy views of CPU float32 contiguous weights (what the fused kernels take), else ``None``."""
+        if all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in params):
+            return [p.detach().numpy().reshape(-1) for p in params]
+        return None
+
+    @staticmethod
+    def _weight_ranges(params: list[nn.Parameter], arrays: list[np.ndarray] | None = None
+                       ) -> list[tuple[float, float]]:
         """``(min, max)`` of each compressed tensor (a non-finite value makes them non-finite), one host sync."""
-        if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params):
-            arrays = [p.detach().numpy() for p in params]  # NumPy's reductions: no dispatch, NaN propagates
+        if arrays is not None:  # NumPy's reductions: no dispatch, NaN propagates
             return [(float(a.min()), float(a.max())) for a in arrays]
         checks = torch.cat([torch.stack(torch.aminmax(p.detach().float())) for p in params]).tolist()
         return list(zip(checks[0::2], checks[1::2], strict=True))
@@ -453,7 +487,8 @@ class GMMPrior(Callback):
                 for name, q in mix.named_parameters():
                     self._check_finite(f"mixture parameter {name!r}", q.detach(), step)
                 raise FloatingPointError(f"GMMPrior: non-finite mixing weights at global step {step}")
-            ranges = self._weight_ranges(params)
+            arrays = self._host_arrays(params)
+            ranges = self._weight_ranges(params, arrays)
             for name, (lo_, hi_) in zip(self._params, ranges, strict=True):
                 if not (math.isfinite(lo_) and math.isfinite(hi_)):
                     raise FloatingPointError(f"GMMPrior: non-finite value in parameter {name!r} at global step {step}")
@@ -476,8 +511,13 @@ class GMMPrior(Callback):
                 if self.method == "auto" and table.needed > table.size:
                     table = None  # too narrow a component for the grid: exact (slower) rather than inaccurate
             if table is not None:
-                for p in params:
-                    table.accumulate_grad(p.detach(), p.grad, alpha=scale)  # type: ignore[arg-type]
+                for i, p in enumerate(params):
+                    g = p.grad
+                    assert g is not None  # set above
+                    if table.fused and arrays is not None and g.dtype == torch.float32 and g.is_contiguous():
+                        table.accumulate_host(arrays[i], g.detach().numpy().reshape(-1), scale)
+                    else:
+                        table.accumulate_grad(p.detach(), g, alpha=scale)  # type: ignore[arg-type]
                 nll, gm, gl, gp = table._result()
             else:
                 means, lp, lpi = on_device()
@@ -600,7 +640,8 @@ class GMMPrior(Callback):
             "gamma": list(mix.gamma) if mix.gamma else None,
             "pi_zero_beta": list(mix.pi_zero_beta) if mix.pi_zero_beta else None,
             "pi_zero": mix.pi_zero_init,
-            "tau": None if callable(self.tau) else float(self.tau),
+            "tau": (None if callable(self.tau) else
+                    {str(e): v for e, v in self.tau.items()} if isinstance(self.tau, dict) else float(self.tau)),
             "dataset_size": self.dataset_size,
         }
         out["merged"] = self.merged
