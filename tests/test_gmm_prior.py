@@ -314,9 +314,10 @@ def test_tau_schedule_is_piecewise_constant_from_its_first_epochs() -> None:
 
 @pytest.mark.parametrize(
     ("name", "tau", "warmup", "gamma", "distilled"),
-    [("lenet300_100_sws", 0.03, 5, (25.0, 0.01), False), ("lenet5_caffe_sws", 0.2, 5, (250.0, 0.1), True)],
+    [("lenet300_100_sws", 0.03, 5, (25.0, 0.01), False),
+     ("lenet5_caffe_sws", {0: 1.0, 20: 0.1}, 5, (250.0, 0.1), True)],
 )
-def test_sws_configs_parse(name: str, tau: float, warmup: int, gamma: tuple[float, float], distilled: bool) -> None:
+def test_sws_configs_parse(name: str, tau: Any, warmup: int, gamma: tuple[float, float], distilled: bool) -> None:
     from distill.cli import DistillCLI
 
     config = Path(__file__).resolve().parents[1] / "configs" / "mnist" / f"{name}.yaml"
@@ -331,8 +332,8 @@ def test_sws_configs_parse(name: str, tau: float, warmup: int, gamma: tuple[floa
         callbacks = [c["class_path"].rsplit(".", 1)[-1] for c in cfg["trainer"]["callbacks"]]
         assert "LoadWeights" not in callbacks and callbacks.index("GMMPrior") < callbacks.index("PruneQuantize")
         args = cfg["trainer"]["callbacks"][callbacks.index("GMMPrior")]["init_args"]
-        assert args["num_components"] == 16 and args["tau"] == tau and args["warmup_epochs"] == warmup
-        assert tuple(args["gamma"]) == gamma
+        assert args["num_components"] == 16 and args["warmup_epochs"] == warmup
+        assert GMMPrior(tau=args["tau"]).tau == tau and tuple(args["gamma"]) == gamma
         return
     cli = DistillCLI(args=["-c", str(config), "--data.init_args.download", "false"], run=False)
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
