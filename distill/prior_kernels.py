@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
     numba = None  # type: ignore[assignment]
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "accumulate", "bin_sums", "build_table", "usable"]
+__all__ = ["AVAILABLE", "bin_sums", "build_table", "usable"]
 
 
 def _jit(fn: Any) -> Any:
@@ -153,22 +153,6 @@ def _accumulate_kernel(
         end = min(start + _BLOCK, n)
         _positions(w[start:end], cell, frac, u_scale, u_offset, u_max)
         _gather_count(grad[start:end], cell, frac, table, counts, alpha)
-
-
-def accumulate(
-    w: torch.Tensor, grad: torch.Tensor, table: torch.Tensor, counts: torch.Tensor,
-    u_scale: float, u_offset: float, u_max: float, alpha: float,
-) -> None:
-    """``grad += alpha * g(w)`` (interpolated from ``table``) and ``counts[sub-cell of w] += 1``.
-
-    ``w`` and ``grad`` are CPU float32 contiguous tensors of the same size (see :func:`usable`), ``counts`` int32 or
-    int64 (int32: half the cache footprint; the caller keeps the total below 2^31). Positions are
-    ``clamp(w * u_scale + u_offset, 0, u_max)`` in sub-cell units, as in ``MixtureTable._locate``.
-    """
-    _accumulate_kernel(
-        w.reshape(-1).numpy(), grad.view(-1).numpy(), table.numpy().view(np.complex64).reshape(-1), counts.numpy(),
-        np.float32(u_scale), np.float32(u_offset), np.float32(u_max), np.float32(alpha),
-    )
 
 
 @_jit

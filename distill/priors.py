@@ -401,20 +401,14 @@ class MixtureTable:
     def accumulate_grad(self, w: torch.Tensor, grad: torch.Tensor, alpha: float) -> None:
         """``grad += alpha * d(-log p)/dw`` for every weight of ``w``, and add ``w`` to the binning histogram.
 
-        Fused (CPU float32, numba): one pass, :func:`distill.prior_kernels.accumulate`. Otherwise nine elementwise
+        Fused (CPU float32, numba): one pass, :meth:`accumulate_host`. Otherwise nine elementwise
         ATen passes per weight (position, clamp, index, fraction, two gathers from tables of a few hundred KB at
         most, two multiply-adds into ``grad``, one ``bincount``). Weights outside ``[lo, hi]`` get the
         edge values and are counted in the edge sub-cells: build the table over the weights' range.
         """
         flat_w, flat_g = w.detach().reshape(-1), grad.view(-1)
         if self.fused and self._kernels.usable(flat_w, flat_g):
-            if self.fine_counts is None:
-                self.fine_counts = torch.zeros(self.n_fine, dtype=torch.int32)
-            self._counted += flat_w.numel()
-            if self._counted >= 2**31 and self.fine_counts.dtype == torch.int32:
-                self.fine_counts = self.fine_counts.long()  # a sub-cell could overflow int32
-            self._kernels.accumulate(flat_w, flat_g, self._table, self.fine_counts, self._u_scale,
-                                     -self.lo * self._u_scale, self._u_max, alpha)
+            self.accumulate_host(flat_w.numpy(), flat_g.numpy(), alpha)
             return
         for wc, gc in zip(flat_w.split(self.chunk), flat_g.split(self.chunk), strict=True):  # O(chunk) extra memory
             fine, t = self._locate(wc)
@@ -430,7 +424,9 @@ class MixtureTable:
 
     def accumulate_host(self, w: np.ndarray, grad: np.ndarray, alpha: float) -> None:
         """:meth:`accumulate_grad` for flat float32 C-contiguous NumPy arrays (views of CPU tensors: the caller has
-        checked them) on the fused path, without the per-call tensor checks and conversions."""
+        checked them) on the fused path, without the per-call tensor checks and conversions: one pass,
+        ``grad += alpha * g(w)`` interpolated from the table and ``counts[sub-cell of w] += 1``
+        (:func:`distill.prior_kernels._accumulate_kernel`; int32 counts, int64 past 2^31 weights)."""
         if self.fine_counts is None:
             self.fine_counts = torch.zeros(self.n_fine, dtype=torch.int32)
             self._counts_host = self.fine_counts.numpy()
