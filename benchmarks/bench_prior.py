@@ -9,6 +9,7 @@ exact float64 one; on VGG19BN the extra peak memory and the step-time ratio.
 
     python benchmarks/bench_prior.py                 # LeNet-300-100, LeNet5Caffe, VGG19BN (batch 8)
     python benchmarks/bench_prior.py --skip-vgg --threads 1
+    python benchmarks/bench_prior.py --skip-vgg --threads 2 --fused-adam      # the network's Adam fused, as configs
     python benchmarks/bench_prior.py --skip-vgg --trained runs/lenet300_100_sws/checkpoints/last.ckpt
 """
 
@@ -33,6 +34,8 @@ from distill.module_utils import skip_idle_graph_capture_check  # noqa: E402
 from distill.priors import mixture_nll_grad  # noqa: E402
 from models.lenet import LeNet5Caffe, LeNet300100  # noqa: E402
 from models.vgg import VGG19BN  # noqa: E402
+
+FUSED_ADAM = False  # --fused-adam: the network's Adam as distill's configs build it (a shorter plain step)
 
 
 def setup(model: nn.Module, device: torch.device, method: str = "auto", kernel: str = "auto"
@@ -75,7 +78,7 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
     if state is not None:
         model.load_state_dict(state[0])
     model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=FUSED_ADAM or None)
     skip_idle_graph_capture_check(opt)  # as distill's modules build it (no per-step NVML probe without a GPU)
     x = torch.randn(batch, *in_shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -186,6 +189,7 @@ def peak_extra_memory(device: torch.device, batch: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fused-adam", action="store_true", help="the network's Adam with fused=True (as configs)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-vgg", action="store_true")
     parser.add_argument("--vgg-batch", type=int, default=8)
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     trained = trained_state(args.trained) if args.trained else None  # a bad path fails before any timing
     torch.set_num_threads(args.threads)
+    global FUSED_ADAM
+    FUSED_ADAM = args.fused_adam
     device = torch.device(args.device)
     results = []
     if not args.skip_vgg:  # memory first, while the process's RSS high-water mark is low
