@@ -50,8 +50,10 @@ from distill.module_utils import (
     FastSetattrMixin,
     as_module,
     configure_optimizers,
+    piecewise_schedule,
     save_arch_hparams,
     save_hparams,
+    schedule_at,
     should_log_step,
 )
 
@@ -222,7 +224,9 @@ class Distiller(FastSetattrMixin, pl.LightningModule):
         lr_scheduler: optional scheduler factory.
         loss: logit loss: ``"mse"`` (softened-softmax MSE, the default) or ``"kd"`` (Hinton's KL times T^2).
         temperature: softening temperature ``T`` (default :data:`DEFAULT_TEMPERATURE` = 4, see there why).
-        alpha: weight of the cross-entropy on the labels: ``(1 - alpha) * distill + alpha * CE``.
+        alpha: weight of the cross-entropy on the labels: ``(1 - alpha) * distill + alpha * CE``; a number, or a
+            piecewise-constant mapping ``{first epoch: alpha}`` (YAML ``alpha: {0: 1.0, 20: 0.5}``: labels only
+            while a strong prior sparsifies the weights, then half distillation to win the accuracy back).
         mode: ``"end_to_end"`` (logits) or ``"layerwise"`` (mapped layers' outputs).
         layers: layer-wise mapping ``{student_path: teacher_path}`` of dotted module paths. Default: the
             ``nn.Linear`` / ``nn.Conv2d`` paths the two networks share.
@@ -253,7 +257,7 @@ class Distiller(FastSetattrMixin, pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         loss: Literal["mse", "kd"] = "mse",
         temperature: float = DEFAULT_TEMPERATURE,
-        alpha: float = 0.0,
+        alpha: float | dict[int, float] = 0.0,
         mode: Literal["end_to_end", "layerwise"] = "end_to_end",
         layers: dict[str, str] | None = None,
         layerwise_schedule: Literal["independent", "joint", "progressive"] = "independent",
@@ -272,8 +276,11 @@ class Distiller(FastSetattrMixin, pl.LightningModule):
             raise ValueError(f"layerwise_schedule must be one of {list(_SCHEDULES)}, got {layerwise_schedule!r}")
         if not float(temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha_schedule: dict[int, float] | None = None
+        if isinstance(alpha, Mapping):
+            self.alpha_schedule = piecewise_schedule(alpha, "alpha", upper=1.0, example="{0: 1.0, 20: 0.5}")
+        if self.alpha_schedule is None and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"alpha must be a number in [0, 1] or a mapping {{first epoch: alpha}}, got {alpha!r}")
 
         save_hparams(self, ignore=["optimizer", "lr_scheduler"])
         self.student = as_module(student, "student")
@@ -288,7 +295,7 @@ class Distiller(FastSetattrMixin, pl.LightningModule):
         self.loss_name = loss
         self.logit_loss = _LOGIT_LOSSES[loss]
         self.temperature = float(temperature)
-        self.alpha = float(alpha)
+        self.alpha = schedule_at(self.alpha_schedule, 0) if self.alpha_schedule else float(alpha)  # type: ignore[arg-type]
         self.mode = mode
         self.schedule = layerwise_schedule
         self.num_classes = int(num_classes)
@@ -482,6 +489,8 @@ class Distiller(FastSetattrMixin, pl.LightningModule):
 
     @override
     def on_train_epoch_start(self) -> None:
+        if self.alpha_schedule:
+            self.alpha = schedule_at(self.alpha_schedule, self.current_epoch)
         if self.mode != "layerwise" or self.schedule != "progressive":
             return
         self._stage = self.stage_at(self.current_epoch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,8 @@ __all__ = [
     "FastSetattrMixin",
     "NoOpProfiler",
     "as_module",
+    "piecewise_schedule",
+    "schedule_at",
     "configure_optimizers",
     "skip_idle_graph_capture_check",
     "save_arch_hparams",
@@ -36,6 +39,44 @@ def as_module(model: nn.Module | Mapping[str, Any], argument: str = "model") -> 
     if isinstance(model, Mapping):
         return build_module(model)
     raise TypeError(f"{argument} must be an nn.Module or a class_path/init_args mapping, got {type(model).__name__}")
+
+
+def piecewise_schedule(
+    schedule: Mapping[Any, Any], name: str, upper: float | None = None, example: str = "{0: 1.0, 20: 0.1}"
+) -> dict[int, float]:
+    """A piecewise-constant ``{first epoch: value}`` schedule from YAML, checked and sorted by epoch.
+
+    Keys must be integers >= 0 (strings of them too, as JSON gives them back) and include 0; values finite, >= 0 and
+    at most ``upper``.
+
+    Raises:
+        ValueError: naming the bad entry and the expected form.
+    """
+    out: dict[int, float] = {}
+    bound = "" if upper is None else f" and <= {upper:g}"
+    for e, v in schedule.items():
+        try:
+            epoch, value = int(e), float(v)
+        except (TypeError, ValueError):
+            epoch, value = -1, math.nan
+        if (
+            epoch < 0
+            or str(e).strip() != str(epoch)
+            or not (math.isfinite(value) and value >= 0 and (upper is None or value <= upper))
+        ):
+            raise ValueError(
+                f"{name} schedule: each entry must be 'first epoch (integer >= 0): {name} (number >= 0{bound})', got "
+                f"{e!r}: {v!r} in {dict(schedule)!r}"
+            )
+        out[epoch] = value
+    if 0 not in out:
+        raise ValueError(f"{name} schedule {dict(schedule)!r} must give {name} from epoch 0 on, e.g. {example}")
+    return dict(sorted(out.items()))
+
+
+def schedule_at(schedule: dict[int, float], epoch: int) -> float:
+    """The value of a :func:`piecewise_schedule` at ``epoch`` (that of the last entry starting at or before it)."""
+    return next(v for e, v in reversed(schedule.items()) if epoch >= e)
 
 
 def configure_optimizers(

@@ -139,8 +139,11 @@ def test_bad_arguments() -> None:
         Distiller(MLP(64, (8,), 10), teacher, loss="l1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
         Distiller(MLP(64, (8,), 10), teacher, temperature=0)
-    with pytest.raises(ValueError, match="alpha must be in"):
+    with pytest.raises(ValueError, match="alpha must be a number in"):
         Distiller(MLP(64, (8,), 10), teacher, alpha=2.0)
+    for bad, match in (({1: 0.5}, "from epoch 0 on"), ({0: 1.5}, "alpha schedule"), ({0: 0.5, 1.5: 0.1}, "1.5")):
+        with pytest.raises(ValueError, match=match):
+            Distiller(MLP(64, (8,), 10), teacher, alpha=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mode must be one of"):
         Distiller(MLP(64, (8,), 10), teacher, mode="stagewise")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="stage_epochs must be"):
@@ -214,6 +217,29 @@ def test_resume_from_checkpoint(tmp_path: Path, trainer_kwargs: dict[str, Any]) 
     trainer = pl.Trainer(**{**kw, "max_epochs": 3, "callbacks": [ModelCheckpoint(dirpath=tmp_path / "c2")]})
     trainer.fit(resumed, _loader(64), ckpt_path=ckpt_cb.last_model_path)
     assert trainer.current_epoch == 3 and resumed.stage_at(1) == 1 and resumed.stage_at(2) == 2
+
+
+def test_alpha_schedule_follows_epochs_across_resume(tmp_path: Path, trainer_kwargs: dict[str, Any]) -> None:
+    """``alpha: {first epoch: alpha}`` (string keys as from JSON too) sets the cross-entropy weight per epoch, also in
+    a run resumed from ``last.ckpt`` (the fresh module starts at the epoch-0 value)."""
+    teacher = _tiny_teacher()
+    seen: dict[int, float] = {}
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, idx: int) -> None:
+            seen.setdefault(trainer.current_epoch, module.alpha)
+
+    def make() -> Distiller:
+        return Distiller(MLP(64, (32, 16), 10), teacher, optimizer=_adam, alpha={"0": 1.0, 2: 0.25})
+
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    kw = {**trainer_kwargs, "enable_checkpointing": True}
+    pl.Trainer(**{**kw, "max_epochs": 2, "callbacks": [ckpt_cb, Record()]}).fit(make(), _loader(64))
+    resumed = make()
+    assert resumed.alpha == 1.0
+    trainer = pl.Trainer(**{**kw, "max_epochs": 4, "callbacks": [ModelCheckpoint(dirpath=tmp_path / "c2"), Record()]})
+    trainer.fit(resumed, _loader(64), ckpt_path=ckpt_cb.last_model_path)
+    assert seen == {0: 1.0, 1: 1.0, 2: 0.25, 3: 0.25}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from typing_extensions import override
 from distill.compress.kmeans import kmeans_1d
 from distill.compress.params import compressible_parameters, network_of
 from distill.io import atomic_savez, atomic_write_json, run_folder
-from distill.module_utils import should_log_step, skip_idle_graph_capture_check
+from distill.module_utils import piecewise_schedule, schedule_at, should_log_step, skip_idle_graph_capture_check
 from distill.priors import (
     GaussianMixturePrior,
     MixtureTable,
@@ -159,19 +159,7 @@ def _positive_pair(name: str, value: Any) -> tuple[float, float] | None:
 
 def _tau_schedule(tau: Mapping[Any, Any]) -> dict[int, float]:
     """``{first epoch: tau}`` checked and sorted; it must start at epoch 0."""
-    out: dict[int, float] = {}
-    for e, v in tau.items():
-        try:
-            epoch, value = int(e), float(v)
-        except (TypeError, ValueError):
-            epoch, value = -1, math.nan
-        if epoch < 0 or str(e).strip() != str(epoch) or not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"tau schedule: each entry must be 'first epoch (integer >= 0): tau (number >= 0)', got "
-                             f"{e!r}: {v!r} in {dict(tau)!r}")
-        out[epoch] = value
-    if 0 not in out:
-        raise ValueError(f"tau schedule {dict(tau)!r} must give tau from epoch 0 on, e.g. {{0: 1.0, 20: 0.1}}")
-    return dict(sorted(out.items()))
+    return piecewise_schedule(tau, "tau")
 
 
 class GMMPrior(Callback):
@@ -328,7 +316,7 @@ class GMMPrior(Callback):
     def current_tau(self, epoch: int) -> float:
         """``tau`` at ``epoch`` (the function or value, times the warm-up ramp)."""
         if isinstance(self.tau, dict):
-            tau = next(v for e, v in reversed(self.tau.items()) if epoch >= e)
+            tau = schedule_at(self.tau, epoch)
         else:
             tau = float(self.tau(epoch)) if callable(self.tau) else float(self.tau)
         if self.warmup_epochs > 0:
