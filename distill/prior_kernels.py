@@ -9,10 +9,7 @@ kernel of about the same speed after ~40 s of compilation per process, and a C++
 time. numba compiles these loops in 1-2 s, once (cached on disk), and is optional: without it, or for tensors that are
 not contiguous float32 on the CPU, :class:`~distill.priors.MixtureTable` runs the same algorithm as ATen ops.
 
-The kernels release the GIL. All but one are single-threaded; the per-weight pass over a large tensor splits it
-over as many threads as torch's intra-op pool has (:func:`accumulate`): the prior runs between the backward pass and
-the optimizer step, when those threads are idle, and on two threads the pass would otherwise cost more against a step
-whose matrix products use both.
+All kernels are single-threaded (torch's intra-op threads stay free for the network) and release the GIL.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ except ImportError:  # pragma: no cover
     numba = None  # type: ignore[assignment]
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "PARALLEL_MIN", "accumulate", "bin_sums", "build_table", "usable"]
+__all__ = ["AVAILABLE", "bin_sums", "build_table", "usable"]
 
 
 def _jit(fn: Any) -> Any:
@@ -45,12 +42,6 @@ def _jit_fast(fn: Any) -> Any:
     if not AVAILABLE:
         return fn
     return numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=True)(fn)
-
-
-def _jit_parallel(fn: Any) -> Any:
-    if not AVAILABLE:
-        return fn
-    return numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=True, parallel=True)(fn)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -162,51 +153,6 @@ def _accumulate_kernel(
         end = min(start + _BLOCK, n)
         _positions(w[start:end], cell, frac, u_scale, u_offset, u_max)
         _gather_count(grad[start:end], cell, frac, table, counts, alpha)
-
-
-@_jit_parallel
-def _accumulate_parallel_kernel(
-    w: np.ndarray, grad: np.ndarray, table: np.ndarray, counts: np.ndarray, parts: np.ndarray,
-    u_scale: np.float32, u_offset: np.float32, u_max: np.float32, alpha: np.float32,
-) -> None:  # pragma: no cover - compiled
-    # _accumulate_kernel over parts.shape[0] contiguous slices at once, each counting into its own row of `parts`
-    # (a shared histogram would need atomics); the rows are added to `counts` after. Every weight's gradient is
-    # computed exactly as by the serial kernel, so the result does not depend on the split.
-    n = w.shape[0]
-    n_parts = parts.shape[0]
-    per = (n + n_parts - 1) // n_parts
-    per = ((per + _BLOCK - 1) // _BLOCK) * _BLOCK
-    for p in numba.prange(n_parts):
-        row = parts[p]
-        row[:] = 0
-        cell = np.empty(_BLOCK, dtype=np.int32)
-        frac = np.empty(_BLOCK, dtype=np.float32)
-        for start in range(p * per, min(p * per + per, n), _BLOCK):
-            end = min(start + _BLOCK, n)
-            _positions(w[start:end], cell, frac, u_scale, u_offset, u_max)
-            _gather_count(grad[start:end], cell, frac, table, row, alpha)
-    for p in range(n_parts):
-        for f in range(counts.shape[0]):
-            counts[f] += parts[p, f]
-
-
-PARALLEL_MIN = 1 << 17  # weights in one tensor below which one thread is faster (the split costs ~10-20 us)
-
-
-def accumulate(
-    w: np.ndarray, grad: np.ndarray, table: np.ndarray, counts: np.ndarray, parts: np.ndarray | None,
-    u_scale: np.float32, u_offset: np.float32, u_max: np.float32, alpha: np.float32,
-) -> None:
-    """``grad += alpha * g(w)`` from the table and ``counts[sub-cell of w] += 1`` for flat float32 arrays: on
-    ``parts.shape[0]`` threads at once when ``parts`` (a ``(threads, counts.size)`` scratch array of counts' dtype)
-    is given and ``w`` holds at least :data:`PARALLEL_MIN` weights, else on one."""
-    if parts is not None and parts.shape[0] > 1 and w.shape[0] >= PARALLEL_MIN:
-        threads = min(parts.shape[0], numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-        if numba.get_num_threads() != threads:
-            numba.set_num_threads(threads)
-        _accumulate_parallel_kernel(w, grad, table, counts, parts[:threads], u_scale, u_offset, u_max, alpha)
-    else:
-        _accumulate_kernel(w, grad, table, counts, u_scale, u_offset, u_max, alpha)
 
 
 @_jit

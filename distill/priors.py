@@ -273,7 +273,7 @@ class MixtureTable:
         max_grid: int = 1 << 16,
         chunk_size: int = 1 << 20,
         subbins: int = 4,
-        workspace: dict[str, Any] | None = None,
+        workspace: dict[str, torch.Tensor] | None = None,
         kernel: str = "auto",
     ) -> None:
         if subbins < 1 or subbins & (subbins - 1):
@@ -426,8 +426,7 @@ class MixtureTable:
         """:meth:`accumulate_grad` for flat float32 C-contiguous NumPy arrays (views of CPU tensors: the caller has
         checked them) on the fused path, without the per-call tensor checks and conversions: one pass,
         ``grad += alpha * g(w)`` interpolated from the table and ``counts[sub-cell of w] += 1``
-        (:func:`distill.prior_kernels.accumulate`, split over torch's intra-op threads for a large tensor; int32
-        counts, int64 past 2^31 weights)."""
+        (:func:`distill.prior_kernels._accumulate_kernel`; int32 counts, int64 past 2^31 weights)."""
         if self.fine_counts is None:
             self.fine_counts = torch.zeros(self.n_fine, dtype=torch.int32)
             self._counts_host = self.fine_counts.numpy()
@@ -435,14 +434,8 @@ class MixtureTable:
         if self._counted >= 2**31 and self.fine_counts.dtype == torch.int32:
             self.fine_counts = self.fine_counts.long()  # a sub-cell could overflow int32
             self._counts_host = self.fine_counts.numpy()
-        parts = None
-        if w.shape[0] >= self._kernels.PARALLEL_MIN and torch.get_num_threads() > 1:
-            shape = (torch.get_num_threads(), self.n_fine)  # scratch histograms, one per thread, kept across steps
-            parts = self.workspace.get("counts_parts")
-            if parts is None or parts.shape != shape or parts.dtype != self._counts_host.dtype:
-                parts = self.workspace["counts_parts"] = np.empty(shape, self._counts_host.dtype)
-        self._kernels.accumulate(w, grad, self._table_host, self._counts_host, parts, *self._u_consts,
-                                 np.float32(alpha))
+        self._kernels._accumulate_kernel(w, grad, self._table_host, self._counts_host, *self._u_consts,
+                                         np.float32(alpha))
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         """``d(-log p)/dw`` per weight (interpolated, clamped to ``[lo, hi]``), shape of ``w``; does not touch the

@@ -122,31 +122,6 @@ def test_fused_kernels_agree_with_aten_ops() -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba not installed")
-@pytest.mark.parametrize("threads", [2, 3])
-def test_parallel_pass_equals_serial(threads: int) -> None:
-    """A tensor past ``PARALLEL_MIN`` weights is split over torch's threads: the same gradients and counts, to the
-    bit, as one thread (the split is not a multiple of the block; 3 threads on a 2-core machine are capped)."""
-    means, lp, lpi = _mixture(j=16, narrow=0.005)
-    w = _weights(prior_kernels.PARALLEL_MIN + 70_001, seed=3).float()
-    lo, hi = float(w.min()) + 0.01, float(w.max())
-    saved = torch.get_num_threads()
-    out = []
-    try:
-        for n in (1, threads):
-            torch.set_num_threads(n)
-            table = MixtureTable(means.numpy(), lp.numpy(), lpi.numpy(), lo, hi, workspace={})
-            g = torch.full_like(w, 0.5)
-            table.accumulate_host(w.numpy(), g.numpy(), 0.3)
-            table.accumulate_host(w[:1000].numpy(), g[:1000].numpy(), 0.3)  # a small one stays serial
-            out.append((g, table.fine_counts, table.workspace))
-    finally:
-        torch.set_num_threads(saved)
-    (g1, c1, ws1), (gn, cn, wsn) = out
-    assert "counts_parts" not in ws1 and "counts_parts" in wsn  # the split ran
-    assert torch.equal(g1, gn) and torch.equal(c1, cn) and int(c1.sum()) == len(w) + 1000
-
-
 def test_table_without_numba_runs_aten(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prior_kernels, "AVAILABLE", False)
     means, lp, lpi = _mixture()

@@ -295,7 +295,7 @@ class GMMPrior(Callback):
         self._epoch_loss: list[float] = [0.0, 0]  # sum and count of this epoch's prior loss terms
         self.num_weights = 0
         self._params: dict[str, nn.Parameter] = {}
-        self._workspace: dict[str, Any] = {}  # MixtureTable's scratch tensors, reused every step
+        self._workspace: dict[str, torch.Tensor] = {}  # MixtureTable's scratch tensors, reused every step
         self._pending_state: dict[str, Any] | None = None
         self._run_dir: Path | None = None
         self._initial: np.ndarray | None = None
