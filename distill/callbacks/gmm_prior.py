@@ -157,11 +157,6 @@ def _positive_pair(name: str, value: Any) -> tuple[float, float] | None:
     return a, b
 
 
-def _tau_schedule(tau: Mapping[Any, Any]) -> dict[int, float]:
-    """``{first epoch: tau}`` checked and sorted; it must start at epoch 0."""
-    return piecewise_schedule(tau, "tau")
-
-
 class GMMPrior(Callback):
     """Train the compressed weights of any LightningModule under a learned Gaussian-mixture prior.
 
@@ -235,7 +230,7 @@ class GMMPrior(Callback):
         if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be an integer J >= 1, got {num_components!r}")
         if isinstance(tau, Mapping):
-            tau = _tau_schedule(tau)
+            tau = piecewise_schedule(tau, "tau")  # checked and sorted; must start at epoch 0
         elif not callable(tau) and not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
             raise ValueError(f"tau must be a number >= 0, a mapping {{first epoch: tau}} or a function epoch -> tau, "
                              f"got {tau!r}")
