@@ -52,40 +52,70 @@ def usable(*tensors: torch.Tensor) -> bool:
     )
 
 
-@_jit
+_RUN = 64  # most grid points between two exact evaluations of the mixture in _build_kernel
+_DRIFT = 300.0  # the most a component's log term may change over a run (float64 holds e^+-700)
+
+
+@_jit_fast
 def _build_kernel(
     means: np.ndarray, prec: np.ndarray, const: np.ndarray, lo: float, h: float, subbins: int,
     table: np.ndarray, stats: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
+    # On a uniform grid each Gaussian term follows a recurrence: with d = x - mu and e(x) = exp(log pi + log N(x)),
+    # e(x + h) = e(x) * rho(x) and rho(x + h) = rho(x) * q, rho(x) = exp(-p h d - p h^2 / 2), q = exp(-p h^2): two
+    # multiplications instead of an exp per grid point and component (which, unvectorised without SVML, were two thirds
+    # of the build: 1.1 ms on a trained LeNet-300-100 mixture of 12,417 points). The terms are re-anchored with exact
+    # exps every run of at most _RUN points, scaled by the largest at the anchor; a run is shortened until no term's
+    # log changes by more than _DRIFT along it, so nothing overflows and the rounding drift stays ~1e-14 relative.
+    # The log of each point's sum is left to _bin_kernel, which needs it only where weights lie (a third of the points
+    # of that trained mixture).
     n = stats.shape[0]
     k1 = means.shape[0]
-    logj = np.empty(k1)
+    e = np.empty(k1)
+    rho = np.empty(k1)
+    q = np.empty(k1)
     g = np.empty(n)
-    for k in range(n):
-        x = lo + k * h
-        mx = -np.inf
+    for j in range(k1):
+        q[j] = math.exp(-prec[j] * h * h)
+    k = 0
+    while k < n:
+        x0 = lo + k * h
+        run = _RUN
         for j in range(k1):
-            d = x - means[j]
+            a = prec[j] * h * abs(x0 - means[j])
+            c = 0.5 * prec[j] * h * h
+            while run > 1 and run * (a + run * c) > _DRIFT:
+                run //= 2
+        mx = const[0] - 0.5 * prec[0] * (x0 - means[0]) ** 2
+        for j in range(k1):
+            d = x0 - means[j]
             v = const[j] - 0.5 * prec[j] * d * d
-            logj[j] = v
-            if v > mx:
-                mx = v
-        s = 0.0
+            e[j] = v
+            mx = max(mx, v)
         for j in range(k1):
-            v = logj[j] - mx
-            e = math.exp(v) if v > -37.0 else 0.0  # below 2^-53 of the largest term: lost in the float64 sum
-            logj[j] = e
-            s += e
-        lse = mx + math.log(s)
-        inv = 1.0 / s
-        stats[k, 0] = -lse
-        gk = 0.0
-        for j in range(k1):
-            r = logj[j] * inv
-            stats[k, 1 + j] = r  # r d and r d^2 are formed in _bin_kernel: a third of the memory traffic
-            if r != 0.0:
+            v = e[j] - mx
+            e[j] = math.exp(v) if v > -700.0 else 0.0
+            # within +-700 whatever the run (a run of one point never uses it; longer ones keep it within +-_DRIFT)
+            rho[j] = math.exp(min(max(-prec[j] * h * (x0 - means[j]) - 0.5 * prec[j] * h * h, -700.0), 700.0))
+        end = min(k + run, n)
+        for kk in range(k, end):
+            x = lo + kk * h
+            s = 0.0
+            for j in range(k1):
+                s += e[j]
+            inv = 1.0 / s
+            stats[kk, 0] = mx
+            stats[kk, 1] = s
+            gk = 0.0
+            for j in range(k1):
+                r = e[j] * inv
+                r = r if r > 1.1e-16 else 0.0  # below 2^-53 of the sum: lost in it; zeros are skipped when summing
+                stats[kk, 2 + j] = r  # r d and r d^2 are formed in _bin_kernel: a third of the memory traffic
                 gk += r * (x - means[j]) * prec[j]
-        g[k] = gk
+                e[j] *= rho[j]
+                rho[j] *= q[j]
+            g[kk] = gk
+        k = end
     for k in range(n - 1):
         slope = (g[k + 1] - g[k]) / subbins
         for s_ in range(subbins):
@@ -101,13 +131,13 @@ def build_table(
 
     Returns:
         ``(table, stats)``: ``table`` ``((size - 1) * subbins, 2)`` float32 holds, per sub-cell, the interpolated
-        gradient at its start and its slope per sub-cell unit; ``stats`` ``(size, 1 + (J+1))`` float64 holds
-        ``-log p`` and the responsibilities ``r_j`` at each grid point (:func:`bin_sums` forms ``r_j d_j`` and
-        ``r_j d_j^2`` from them).
+        gradient at its start and its slope per sub-cell unit; ``stats`` ``(size, 2 + (J+1))`` float64 holds, at each
+        grid point, ``m`` and ``s`` with ``log p = m + log s``, then the responsibilities ``r_j`` (:func:`bin_sums`
+        forms ``-log p``, ``r_j d_j`` and ``r_j d_j^2`` from them where weights lie).
     """
     k1 = means.shape[0]
     table = np.empty(((size - 1) * subbins, 2), dtype=np.float32)
-    stats = np.empty((size, 1 + k1), dtype=np.float64)
+    stats = np.empty((size, 2 + k1), dtype=np.float64)
     _build_kernel(means, prec, const, float(lo), float(h), int(subbins), table, stats)
     return torch.from_numpy(table), torch.from_numpy(stats)
 
@@ -179,9 +209,9 @@ def _bin_kernel(
         if wk == 0.0:
             continue
         x = lo + k * h
-        out[0] += wk * stats[k, 0]
+        out[0] -= wk * (stats[k, 0] + math.log(stats[k, 1]))
         for j in range(k1):
-            wr = wk * stats[k, 1 + j]
+            wr = wk * stats[k, 2 + j]
             if wr != 0.0:
                 d = x - means[j]
                 out[1 + j] += wr

@@ -324,7 +324,7 @@ class MixtureTable:
         # g(w) = g_start[f] + t * slope[f], the linear interpolation between grid points k and k + 1 written per
         # sub-cell, so that one integer index serves both the gathers and the histogram, and frac() gives the position.
         # stats: columns -log p, then R_j, S_j, Q_j at each grid point: (G, 1 + 3(J+1)) in float64 for the sums
-        # (fused: -log p and R_j only, (G, 1 + (J+1)); the kernel that sums forms S_j and Q_j).
+        # (fused: log p as m + log s and R_j only, (G, 2 + (J+1)); the kernel that sums forms -log p, S_j and Q_j).
         if self.fused:
             prec_np = np.exp(lp_np)
             const_np = lpi_np + 0.5 * lp_np - 0.5 * _LOG_2PI

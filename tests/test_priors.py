@@ -122,6 +122,35 @@ def test_fused_kernels_agree_with_aten_ops() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize(("narrow", "size"), [(0.002, 4000), (0.0005, 600)])
+def test_table_build_matches_exact_evaluation(narrow: float, size: int, compiled: bool) -> None:
+    """The table is built by a recurrence along the grid (two products per point and component, exps only every few
+    points): at every grid point it equals the mixture evaluated exactly, on a fine grid (runs of 64 points) and on one
+    so coarse for the narrow component that every run is one point (all exps). Also as plain Python (no numba)."""
+    if compiled and not prior_kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    means, lp, lpi = _mixture(j=16, narrow=narrow)
+    lo, hi = -0.9, 0.8
+    h = (hi - lo) / (size - 1)
+    prec = lp.exp()
+    const = lpi + 0.5 * lp - 0.5 * float(np.log(2 * np.pi))
+    args = [a.numpy() for a in (means, prec, const)]
+    if compiled:
+        table, stats = prior_kernels.build_table(*args, lo, h, size, 4)
+    else:
+        table, stats = torch.empty((size - 1) * 4, 2), torch.empty(size, 2 + len(means), dtype=torch.float64)
+        prior_kernels._build_kernel.py_func(*args, lo, h, 4, table.numpy(), stats.numpy())
+    x = lo + h * torch.arange(size, dtype=torch.float64)
+    log_joint = const + (-0.5) * prec * (x[:, None] - means) ** 2
+    log_p = log_joint.logsumexp(-1)
+    resp = (log_joint - log_p[:, None]).exp()
+    g = (resp * (x[:, None] - means) * prec).sum(-1)
+    torch.testing.assert_close(stats[:, 0] + stats[:, 1].log(), log_p, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(stats[:, 2:], resp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(table[::4, 0].double(), g[:-1], rtol=1e-6, atol=1e-6 * float(g.abs().max()))
+
+
 def test_table_without_numba_runs_aten(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prior_kernels, "AVAILABLE", False)
     means, lp, lpi = _mixture()
