@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+_CPU = torch.device("cpu")
 _Array = TypeVar("_Array", torch.Tensor, np.ndarray)
 DEFAULT_CHUNK = 1 << 16
 
@@ -273,14 +274,14 @@ class MixtureTable:
         max_grid: int = 1 << 16,
         chunk_size: int = 1 << 20,
         subbins: int = 4,
-        workspace: dict[str, torch.Tensor] | None = None,
+        workspace: dict[str, Any] | None = None,
         kernel: str = "auto",
     ) -> None:
         if subbins < 1 or subbins & (subbins - 1):
             raise ValueError(f"subbins must be a power of two, got {subbins}")
         if kernel not in ("auto", "torch"):
             raise ValueError(f"kernel must be 'auto' or 'torch', got {kernel!r}")
-        self.device = means.device if isinstance(means, torch.Tensor) else torch.device("cpu")
+        self.device = means.device if isinstance(means, torch.Tensor) else _CPU
         # numba is imported here, on the first table built, not with the package (it adds ~0.35 s to every start)
         from distill import prior_kernels
 
@@ -296,7 +297,7 @@ class MixtureTable:
         self._offset: torch.Tensor | None = None
         if self.fused:  # the small vectors in NumPy: a torch op on a 17-vector costs more than its arithmetic
             m_np, lp_np, lpi_np = (_host(t) for t in (means, log_precisions, log_pis))
-            lp_max = float(lp_np.max())
+            prec_np, const_np, lp_max = prior_kernels.component_terms(lp_np, lpi_np)
         else:
             # float32 tables for a mixture given as NumPy arrays, as for the callback's float32 mixture tensors
             tensors = [a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a, dtype=np.float32))
@@ -326,10 +327,11 @@ class MixtureTable:
         # stats: columns -log p, then R_j, S_j, Q_j at each grid point: (G, 1 + 3(J+1)) in float64 for the sums
         # (fused: log p as m + log s and R_j only, (G, 2 + (J+1)); the kernel that sums forms -log p, S_j and Q_j).
         if self.fused:
-            prec_np = np.exp(lp_np)
-            const_np = lpi_np + 0.5 * lp_np - 0.5 * _LOG_2PI
             self.prec = torch.from_numpy(prec_np)
-            self._table, self.stats = self._kernels.build_table(m_np, prec_np, const_np, lo, self.h, n, subbins)
+            k1 = m_np.shape[0]
+            out = (self._host_scratch("table", (n - 1) * subbins * 2, np.float32),
+                   self._host_scratch("stats", n * (2 + k1), np.float64))
+            self._table, self.stats = self._kernels.build_table(m_np, prec_np, const_np, lo, self.h, n, subbins, out)
             self._means = m_np
             # the kernels' views, made once: a tensor -> NumPy conversion costs ~1 us, and a step makes dozens
             self._table_host = self._table.numpy().view(np.complex64).reshape(-1)
@@ -373,6 +375,14 @@ class MixtureTable:
         if self._offset is None:
             self._offset = torch.tensor(-self.lo * self._u_scale, dtype=self._dtype, device=self.device)
         return self._offset
+
+    def _host_scratch(self, name: str, n: int, dtype: type) -> np.ndarray:
+        """A flat NumPy buffer of at least ``n`` elements from the workspace (grown by half again when too short)."""
+        buf = self.workspace.get("host_" + name)
+        if buf is None or buf.shape[0] < n or buf.dtype != dtype:
+            buf = np.empty(n + n // 2, dtype=dtype)
+            self.workspace["host_" + name] = buf
+        return buf  # type: ignore[no-any-return]
 
     def _scratch(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         buf = self.workspace.get(name)
@@ -436,6 +446,29 @@ class MixtureTable:
             self._counts_host = self.fine_counts.numpy()
         self._kernels._accumulate_kernel(w, grad, self._table_host, self._counts_host, *self._u_consts,
                                          np.float32(alpha))
+
+    def accumulate_all_host(
+        self, ws: tuple[np.ndarray, ...], grads: tuple[np.ndarray, ...], alpha: float
+    ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`accumulate_host` for every ``(w, grad)`` pair, then :meth:`result`, in one compiled call
+        (:func:`distill.prior_kernels.host_pass`; fused path only, on a table nothing was accumulated into yet).
+
+        Returns:
+            ``(nll, grad_means, grad_log_precisions, grad_log_pis)``, a float and float64 NumPy arrays.
+        """
+        if not self.fused or self._counted:
+            raise RuntimeError("accumulate_all_host needs a fresh table on the fused (numba) path")
+        if sum(w.shape[0] for w in ws) >= 2**31:  # a sub-cell's int32 count could overflow: the int64 path
+            for w, g in zip(ws, grads, strict=True):
+                self.accumulate_host(w, g, alpha)
+            return self._result()  # type: ignore[no-any-return]
+        counts = self._host_scratch("counts", self.n_fine, np.int32)[: self.n_fine]
+        nll, g = self._kernels.host_pass(ws, grads, self._table_host, counts, self._u_consts, alpha, self.subbins,
+                                         self.stats.numpy(), self._means, self.prec.numpy(), self.lo, self.h)
+        self.fine_counts = torch.from_numpy(counts)
+        self._counts_host = counts
+        self._counted = sum(w.shape[0] for w in ws)
+        return nll, g[0], g[1], g[2]
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         """``d(-log p)/dw`` per weight (interpolated, clamped to ``[lo, hi]``), shape of ``w``; does not touch the

@@ -416,3 +416,23 @@ def test_mixture_adam_fast_step_follows_replaced_gradients_and_state() -> None:
         ref.step()
         for p, q in zip(params, ref_params, strict=True):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=f"step {step}")
+
+
+def test_weight_views_follow_in_place_updates_and_replaced_tensors() -> None:
+    """The callback keeps NumPy views of the weights between steps: in-place updates show through them, and a weight
+    given new memory or a new layout (``.data = ...``) is not read through the old view."""
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    cb = GMMPrior(**prior_kwargs())
+    params = [model[0].weight, model[2].weight]
+    first = cb._host_arrays(params)  # type: ignore[arg-type]
+    assert first is not None and cb._host_arrays(params) is first  # type: ignore[arg-type]
+    with torch.no_grad():
+        params[0].add_(1.0)
+    assert np.array_equal(first[0], params[0].detach().numpy().reshape(-1))
+    params[0].data = params[0].data.clone()  # new memory
+    second = cb._host_arrays(params)  # type: ignore[arg-type]
+    assert second is not first and np.shares_memory(second[0], params[0].detach().numpy())  # type: ignore[index]
+    params[1].data = params[1].data.t()  # same memory, not contiguous: no host view at all
+    assert cb._host_arrays(params) is None  # type: ignore[arg-type]
+    params[1].data = params[1].data.double().t().contiguous()  # float64: the ATen path
+    assert cb._host_arrays(params) is None  # type: ignore[arg-type]

@@ -120,6 +120,18 @@ def test_fused_kernels_agree_with_aten_ops() -> None:
     assert torch.equal(torch.cat(gs), g_f) and torch.equal(host.fine_counts, counts_f)
     for a, b in zip(host.result(), res_f, strict=True):
         assert torch.equal(a, b)
+    # and all tensors in one compiled call (the callback's CPU path), with reused workspace buffers: identical
+    workspace: dict[str, torch.Tensor] = {}
+    for _ in range(2):
+        one = MixtureTable(means.numpy(), lp.numpy(), lpi.numpy(), lo, hi, workspace=workspace)
+        gs = [torch.full_like(w, 0.5) for w in ws]
+        out = one.accumulate_all_host(tuple(w.numpy().reshape(-1) for w in ws),
+                                      tuple(g.numpy().reshape(-1) for g in gs), 0.3)
+        assert torch.equal(torch.cat(gs), g_f) and torch.equal(one.fine_counts, counts_f)
+        for a, b in zip(out, res_f, strict=True):
+            torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), b, rtol=1e-14, atol=0)
+    with pytest.raises(RuntimeError, match="fresh table"):
+        one.accumulate_all_host((ws[0].numpy(),), (gs[0].numpy(),), 0.3)
 
 
 @pytest.mark.parametrize("compiled", [True, False])
