@@ -8,14 +8,14 @@ an epoch of a small network is not dominated by per-sample PIL decoding and coll
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 __all__ = [
     "CIFAR10DataModule",
@@ -66,13 +66,42 @@ class TensorBatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[index], self.y[index]
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
+    def __getitems__(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(indices, torch.Tensor):
+            idx = indices
+        else:  # through NumPy: torch.as_tensor on a list of 128 ints took ~20 us, NumPy ~8 us
+            idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         return self.x[idx], self.y[idx]
 
 
 def _as_is(batch: Any) -> Any:
     return batch
+
+
+class TensorBatchSampler(BatchSampler):
+    """A ``BatchSampler`` that yields each batch's indices as one tensor.
+
+    Over a plain :class:`~torch.utils.data.RandomSampler` (the training loaders' default) the batches are slices of the
+    permutation RandomSampler itself would draw (same seed, same order), without its per-index Python iteration and the
+    list-to-tensor conversion: together ~80 us a step on a CPU, 2% of a LeNet-300-100 step. Over any other sampler
+    (e.g. the ``DistributedSampler`` Lightning swaps in under DDP, re-creating this class with it, as it does for
+    ``BatchSampler`` subclasses) it gathers that sampler's indices as ``BatchSampler`` does.
+    """
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        sampler = self.sampler
+        if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
+            n = len(sampler.data_source)  # type: ignore[arg-type]
+            generator = sampler.generator
+            if generator is None:  # as RandomSampler.__iter__ seeds itself from the global generator
+                generator = torch.Generator()
+                generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+            perm = torch.randperm(n, generator=generator)
+            stop = n - n % self.batch_size if self.drop_last else n
+            for start in range(0, stop, self.batch_size):
+                yield perm[start : start + self.batch_size]
+        else:
+            yield from super().__iter__()
 
 
 class InMemoryDataModule(pl.LightningDataModule):
@@ -128,14 +157,16 @@ class InMemoryDataModule(pl.LightningDataModule):
     def _loader(self, ds: TensorBatchDataset | None, train: bool) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run: call dm.setup('fit') first")
+        if train:  # shuffled batches as index tensors (TensorBatchSampler)
+            batching: dict[str, Any] = {"batch_sampler": TensorBatchSampler(RandomSampler(ds), self.batch_size, False)}
+        else:
+            batching = {"batch_size": self.eval_batch_size, "shuffle": False, "drop_last": False}
         return DataLoader(
             ds,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=False,
             num_workers=self.num_workers,
             collate_fn=_as_is,
             persistent_workers=self.num_workers > 0,
+            **batching,
         )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from pytorch_lightning.utilities.data import _update_dataloader
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, SequentialSampler
 
 from distill.data import (
     CIFAR10DataModule,
     DataNotFoundError,
     DigitsDataModule,
     MNISTDataModule,
+    TensorBatchDataset,
+    TensorBatchSampler,
     random_crop_flip,
     resolve_data_dir,
 )
@@ -101,3 +106,48 @@ def test_bad_datamodule_arguments() -> None:
     dm = DigitsDataModule(val_size=5000)
     with pytest.raises(ValueError, match="val_size=5000 leaves no training data"):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_tensor_batch_sampler_draws_random_samplers_batches(drop_last: bool) -> None:
+    """Over a RandomSampler: the batches BatchSampler would give under the same seed, as index tensors; over another
+    sampler: that sampler's batches."""
+    data = range(103)
+    torch.manual_seed(3)
+    ref = [torch.tensor(b) for b in BatchSampler(RandomSampler(data), 16, drop_last)]
+    torch.manual_seed(3)
+    got = list(TensorBatchSampler(RandomSampler(data), 16, drop_last))
+    assert len(got) == len(ref) == len(TensorBatchSampler(RandomSampler(data), 16, drop_last))
+    assert len(got) == (6 if drop_last else 7)
+    assert all(isinstance(b, torch.Tensor) and torch.equal(b, r) for b, r in zip(got, ref, strict=True))
+    g = torch.Generator().manual_seed(5)  # a sampler with its own generator
+    ref_g = [torch.tensor(b) for b in BatchSampler(RandomSampler(data, generator=g), 16, drop_last)]
+    g.manual_seed(5)
+    assert all(torch.equal(b, r) for b, r in
+               zip(TensorBatchSampler(RandomSampler(data, generator=g), 16, drop_last), ref_g, strict=True))
+    assert list(TensorBatchSampler(SequentialSampler(data), 16, drop_last)) == list(
+        BatchSampler(SequentialSampler(data), 16, drop_last))
+
+
+def test_train_loader_takes_lightnings_distributed_sampler() -> None:
+    """Under DDP Lightning re-creates the training loader around a DistributedSampler: each rank then gets its
+    shuffled half of the data, fetched through the same dataset."""
+    dm = DigitsDataModule(batch_size=32)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.batch_sampler, TensorBatchSampler)
+    assert isinstance(loader.dataset, TensorBatchDataset)
+    n = len(loader.dataset)
+    seen = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        ddp_loader = _update_dataloader(loader, sampler, mode="fit")
+        assert isinstance(ddp_loader.batch_sampler, TensorBatchSampler)
+        assert ddp_loader.batch_sampler.sampler is sampler and ddp_loader.batch_sampler.batch_size == 32
+        seen.append(torch.cat([x for x, _ in ddp_loader]))
+        assert len(seen[-1]) == (n + 1) // 2
+    def rows(x: torch.Tensor) -> Counter[bytes]:
+        return Counter(r.numpy().tobytes() for r in x.flatten(1))
+
+    got, every = rows(torch.cat(seen)), rows(loader.dataset.x)
+    assert not every - got and sum((got - every).values()) == 2 * ((n + 1) // 2) - n  # all, one repeated if n is odd
