@@ -24,6 +24,7 @@ __all__ = [
     "InMemoryDataModule",
     "MNISTDataModule",
     "TensorBatchDataset",
+    "TensorBatchSampler",
     "resolve_data_dir",
 ]
 
