@@ -256,8 +256,10 @@ class MixtureTable:
         subbins: sub-cells per cell for the histogram (a power of two). 4: the table of ``(G - 1) * subbins``
             entries and the histogram stay in the L1/L2 caches (8 took 8% longer on LeNet-300-100 for mixture
             gradients ~1.5x closer to exact, both within ~4e-5 of it; 2 moved the prior's loss value ~1e-4).
-        workspace: a dict kept by the caller across steps, holding the per-chunk scratch tensors: fresh megabyte-sized
-            allocations every step cost page faults that were a third of the prior's time on a CPU.
+        workspace: a dict kept by the caller across steps, holding the per-chunk scratch tensors and (fused path) the
+            table, statistics and histogram buffers: fresh megabyte-sized allocations every step cost page faults that
+            were a third of the prior's time on a CPU. A table built on a workspace is valid until the next one built
+            on it (the callback builds one a step).
         kernel: ``"auto"`` (the fused numba loops for CPU float32 tensors when numba is installed, else ATen) or
             ``"torch"`` (ATen ops only).
     """
