@@ -101,6 +101,8 @@ class TensorBatchSampler(BatchSampler):
             stop = n - n % self.batch_size if self.drop_last else n
             for start in range(0, stop, self.batch_size):
                 yield perm[start : start + self.batch_size]
+            if sampler.generator is not None:  # RandomSampler draws and drops a second permutation at each epoch's
+                torch.randperm(n, generator=generator)  # end: a generator it was given stays in step for later epochs
         else:
             yield from super().__iter__()
 

@@ -120,11 +120,12 @@ def test_tensor_batch_sampler_draws_random_samplers_batches(drop_last: bool) -> 
     assert len(got) == len(ref) == len(TensorBatchSampler(RandomSampler(data), 16, drop_last))
     assert len(got) == (6 if drop_last else 7)
     assert all(isinstance(b, torch.Tensor) and torch.equal(b, r) for b, r in zip(got, ref, strict=True))
-    g = torch.Generator().manual_seed(5)  # a sampler with its own generator
-    ref_g = [torch.tensor(b) for b in BatchSampler(RandomSampler(data, generator=g), 16, drop_last)]
+    g = torch.Generator().manual_seed(5)  # a sampler with its own generator, over three epochs
+    ref_sampler = BatchSampler(RandomSampler(data, generator=g), 16, drop_last)
+    ref_g = [torch.tensor(b) for _ in range(3) for b in ref_sampler]
     g.manual_seed(5)
-    assert all(torch.equal(b, r) for b, r in
-               zip(TensorBatchSampler(RandomSampler(data, generator=g), 16, drop_last), ref_g, strict=True))
+    sampler = TensorBatchSampler(RandomSampler(data, generator=g), 16, drop_last)
+    assert all(torch.equal(b, r) for b, r in zip([b for _ in range(3) for b in sampler], ref_g, strict=True))
     assert list(TensorBatchSampler(SequentialSampler(data), 16, drop_last)) == list(
         BatchSampler(SequentialSampler(data), 16, drop_last))
 
