@@ -262,44 +262,32 @@ def bin_sums(
 @_jit
 def _host_pass_kernel(
     ws: Any, gs: Any, table: np.ndarray, counts: np.ndarray, u_scale: np.float32, u_offset: np.float32,
-    u_max: np.float32, alpha: np.float32, subbins: int, stats: np.ndarray, means: np.ndarray, prec: np.ndarray,
-    lo: float, h: float, sums: np.ndarray, grads: np.ndarray,
-) -> float:  # pragma: no cover - compiled
+    u_max: np.float32, alpha: np.float32, subbins: int, stats: np.ndarray, means: np.ndarray, lo: float, h: float,
+    sums: np.ndarray,
+) -> tuple[float, float]:  # pragma: no cover - compiled
     counts[:] = 0
     for i in range(len(ws)):
         _accumulate_kernel(ws[i], gs[i], table, counts, u_scale, u_offset, u_max, alpha)
     sums[:] = 0.0
-    total, spread = _bin_kernel(counts, subbins, stats, means, lo, h, sums)
-    spread = spread / max(total, 1.0)
-    k1 = means.shape[0]
-    for j in range(k1):  # as _mixture_param_grads, with Sheppard's correction on Q (see MixtureTable._result)
-        r = sums[1 + j]
-        q = sums[1 + 2 * k1 + j] - r * (h * h * spread)
-        grads[0, j] = -prec[j] * sums[1 + k1 + j]
-        grads[1, j] = -0.5 * r + 0.5 * prec[j] * q
-        grads[2, j] = -r
-    return sums[0]
+    return _bin_kernel(counts, subbins, stats, means, lo, h, sums)  # type: ignore[no-any-return]
 
 
 def host_pass(
     ws: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], table: np.ndarray, counts: np.ndarray,
     u_consts: tuple[np.float32, np.float32, np.float32], alpha: float, subbins: int, stats: np.ndarray,
-    means: np.ndarray, prec: np.ndarray, lo: float, h: float,
-) -> tuple[float, np.ndarray]:
-    """Every step of the table's fused path in one compiled call (each Python-level call and NumPy operation on the
-    17-vectors costs 1-10 us, ~0.15 ms a step together on LeNet-300-100): ``gs[i] += alpha * g(ws[i])`` for each
-    pair of flat float32 arrays, the sub-cell histogram (``counts``, zeroed first), the binned sums and the mixture's
-    gradients as ``MixtureTable.result`` gives them.
+    means: np.ndarray, lo: float, h: float,
+) -> tuple[np.ndarray, float]:
+    """The table's fused per-weight work in one compiled call (each Python-level call costs 1-10 us on this path):
+    ``gs[i] += alpha * g(ws[i])`` for each pair of flat float32 arrays, the sub-cell histogram (``counts``, zeroed
+    first), then :func:`bin_sums` over it.
 
     Returns:
-        ``(-sum log p, (3, J+1) float64 gradients w.r.t. the means, log precisions and log mixing weights)``.
+        what :func:`bin_sums` returns.
     """
-    k1 = means.shape[0]
-    sums = np.empty(1 + 3 * k1)
-    grads = np.empty((3, k1))
-    nll = _host_pass_kernel(ws, gs, table, counts, *u_consts, np.float32(alpha), int(subbins), stats, means, prec,
-                            float(lo), float(h), sums, grads)
-    return float(nll), grads
+    sums = np.empty(1 + 3 * means.shape[0])
+    total, spread = _host_pass_kernel(ws, gs, table, counts, *u_consts, np.float32(alpha), int(subbins), stats, means,
+                                      float(lo), float(h), sums)
+    return sums, float(spread) / max(float(total), 1.0)
 
 
 # -- the mixture's own (J+1)-vectors ----------------------------------------------------------------------------------

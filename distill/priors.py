@@ -451,26 +451,28 @@ class MixtureTable:
 
     def accumulate_all_host(
         self, ws: tuple[np.ndarray, ...], grads: tuple[np.ndarray, ...], alpha: float
-    ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`accumulate_host` for every ``(w, grad)`` pair, then :meth:`result`, in one compiled call
-        (:func:`distill.prior_kernels.host_pass`; fused path only, on a table nothing was accumulated into yet).
+    ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`accumulate_host` for every ``(w, grad)`` pair and the binned sums in one compiled call
+        (:func:`distill.prior_kernels.host_pass`; fused path only, on a table nothing was accumulated into yet), then
+        what :meth:`result` computes from them.
 
         Returns:
-            ``(nll, grad_means, grad_log_precisions, grad_log_pis)``, a float and float64 NumPy arrays.
+            ``(nll, grad_means, grad_log_precisions, grad_log_pis)``, float64 NumPy values.
         """
         if not self.fused or self._counted:
             raise RuntimeError("accumulate_all_host needs a fresh table on the fused (numba) path")
-        if sum(w.shape[0] for w in ws) >= 2**31:  # a sub-cell's int32 count could overflow: the int64 path
+        counted = sum(w.shape[0] for w in ws)
+        if counted >= 2**31:  # a sub-cell's int32 count could overflow: the int64 path
             for w, g in zip(ws, grads, strict=True):
                 self.accumulate_host(w, g, alpha)
             return self._result()  # type: ignore[no-any-return]
         counts = self._host_scratch("counts", self.n_fine, np.int32)[: self.n_fine]
-        nll, g = self._kernels.host_pass(ws, grads, self._table_host, counts, self._u_consts, alpha, self.subbins,
-                                         self.stats.numpy(), self._means, self.prec.numpy(), self.lo, self.h)
+        tot, spread = self._kernels.host_pass(ws, grads, self._table_host, counts, self._u_consts, alpha,
+                                              self.subbins, self.stats.numpy(), self._means, self.lo, self.h)
         self.fine_counts = torch.from_numpy(counts)
         self._counts_host = counts
-        self._counted = sum(w.shape[0] for w in ws)
-        return nll, g[0], g[1], g[2]
+        self._counted = counted
+        return self._grads_from_sums(tot, spread, self.prec.numpy())  # type: ignore[no-any-return]
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         """``d(-log p)/dw`` per weight (interpolated, clamped to ``[lo, hi]``), shape of ``w``; does not touch the
@@ -503,6 +505,10 @@ class MixtureTable:
             tot = stat_sum @ self.stats  # (1 + 3(J+1),)
             spread = float((c @ (t * (1.0 - t))).sum() / c.sum().clamp_min(1.0))
             prec = self.prec
+        return self._grads_from_sums(tot, spread, prec)
+
+    def _grads_from_sums(self, tot: Any, spread: float, prec: Any) -> tuple[Any, Any, Any, Any]:
+        """``(nll, grad_means, grad_log_precisions, grad_log_pis)`` from the binned sums ``(-log p, R, S, Q)``."""
         r, s, q = tot[1:].reshape(3, -1)
         # Sheppard's correction: interpolating d^2 linearly between grid points overestimates it by t(1-t) h^2
         q = q - r * (self.h**2 * spread)
