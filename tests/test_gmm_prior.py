@@ -178,12 +178,14 @@ def test_ddp_two_cpu_processes(trainer_kwargs: dict[str, Any], tmp_path: Path) -
         torch.testing.assert_close(r0[f"mix.{k}"], v, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_from_last_ckpt_ends_like_uninterrupted(trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize("prune_from", [None, 1, 3])  # no pruning; pruned before the interruption; after it
+def test_resume_from_last_ckpt_ends_like_uninterrupted(trainer_kwargs: dict[str, Any], tmp_path: Path,
+                                                       prune_from: int | None) -> None:
     common = dict(trainer_kwargs, enable_checkpointing=True, max_steps=-1, logger=False)
 
     def run(epochs: int, folder: Path, ckpt: str | None = None) -> tuple[Plain, GMMPrior]:
         model = Plain()
-        cb = GMMPrior(**prior_kwargs(method="table", lr_means=1e-2))
+        cb = GMMPrior(**prior_kwargs(method="table", lr_means=1e-2, prune_from_epoch=prune_from))
         mc = ModelCheckpoint(dirpath=folder, save_last=True)
         trainer = pl.Trainer(callbacks=[cb, mc], **dict(common, max_epochs=epochs, default_root_dir=str(folder)))
         torch.manual_seed(3)
@@ -198,6 +200,61 @@ def test_resume_from_last_ckpt_ends_like_uninterrupted(trainer_kwargs: dict[str,
     assert cb.optimizer is not None and full_cb.optimizer is not None
     s1, s2 = cb.optimizer.state_dict()["state"], full_cb.optimizer.state_dict()["state"]
     assert float(s1[0]["step"]) == float(s2[0]["step"]) == 16
+    assert cb.pruned == full_cb.pruned and (cb.pruned is None) == (prune_from is None)
+    if prune_from is not None:
+        assert cb.pruned is not None and cb.pruned["epoch"] == prune_from
+        for name, mask in full_cb.masks.items():
+            torch.testing.assert_close(cb.masks[name], mask, rtol=0, atol=0)
+
+
+class PlainAdam(Plain):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_prune_from_epoch_holds_the_zero_components_members_at_zero(trainer_kwargs: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    model = PlainAdam()
+    cb = GMMPrior(**prior_kwargs(prune_from_epoch=1, tau=5.0, method="table", pi_zero=0.9, init_std=0.05))
+    seen: dict[str, Any] = {}
+
+    class Snapshot(Callback):  # the weights just after the prune, and what quantize() would zero then
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            if trainer.current_epoch == 1:
+                seen["w"] = {n: p.detach().clone() for n, p in cb._params.items()}
+
+    class Expected(Callback):  # before GMMPrior's epoch start: which weights the zero component owns
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            if trainer.current_epoch == 1:
+                m, s, pi = cb._merged_mixture()
+                seen["zero"] = {n: cb_quantized_zero(p, m, s, pi) for n, p in cb._params.items()}
+
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    pl.Trainer(callbacks=[Expected(), cb, Snapshot()],
+               **dict(trainer_kwargs, max_epochs=4, max_steps=-1, logger=logger)).fit(model, loader())
+    assert cb.pruned is not None and cb.pruned["epoch"] == 1 and cb.pruned["step"] == N_DATA // BATCH
+    zeros = 0
+    for name, p in cb._params.items():
+        zero = seen["zero"][name]
+        assert torch.equal(cb.masks[name] == 0, zero), name  # the mask is what quantize() would zero
+        assert bool((seen["w"][name][zero] == 0).all())  # set to 0 at the start of the epoch
+        assert bool((p.detach()[zero] == 0).all()), name  # and still 0 after 3 epochs of Adam
+        assert bool((p.detach()[~zero] != 0).all()), name  # the others train on
+        zeros += int(zero.sum())
+    total = sum(p.numel() for p in cb._params.values())
+    assert 0 < zeros < total  # a real split: some pruned, some kept
+    assert cb.pruned["nonzero"] == pytest.approx(1 - zeros / total)
+    hist = json.loads((Path(logger.log_dir) / "gmm_history.json").read_text())
+    assert hist["pruned"]["epoch"] == 1 and set(hist["pruned"]["nonzero_by_layer"]) == set(cb._params)
+
+
+def cb_quantized_zero(p: torch.Tensor, m: torch.Tensor, s: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    from distill.priors import quantize_weights
+
+    _, idx = quantize_weights(p.detach(), m, s, pi)
+    return (idx == 0).view(p.shape)
 
 
 def test_artifacts_logging_and_quantize(trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:
@@ -277,6 +334,8 @@ def test_nan_weight_raises_with_name_and_step(trainer_kwargs: dict[str, Any]) ->
         ({"lr_means": -1}, "lr_means"),
         ({"dataset_size": 0}, "dataset_size"),
         ({"merge_criterion": "l2"}, "merge_criterion"),
+        ({"prune_from_epoch": -1}, "prune_from_epoch"),
+        ({"prune_from_epoch": 2.5}, "prune_from_epoch"),
     ],
 )
 def test_misconfiguration(kwargs: dict[str, Any], match: str) -> None:

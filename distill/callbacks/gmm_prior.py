@@ -43,6 +43,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from typing_extensions import override
 
+from distill.callbacks.pruning import mask_optimizer_state
 from distill.compress.kmeans import kmeans_1d
 from distill.compress.params import compressible_parameters, network_of
 from distill.io import atomic_savez, atomic_write_json, run_folder
@@ -193,6 +194,12 @@ class GMMPrior(Callback):
         merge_threshold: merge components closer than this (symmetric KL, or mean distance) before quantizing.
         merge_criterion: ``"kl"`` or ``"mean"``.
         quantize_on_end: quantize the weights at the end of training.
+        prune_from_epoch: from the start of this epoch on, the weights the zero component owns (after merging, as
+            :meth:`quantize` decides at the end) are set to exactly 0 and held there (their gradients masked, the
+            weights re-zeroed after each step), while the others go on training under the prior. With a ``tau``
+            schedule, e.g. ``tau: {0: 1.0, 20: 0.1}`` and ``prune_from_epoch: 20``, the sparsity the strong phase
+            reached is kept while the weak phase (and distillation, which otherwise pulls members back out of the
+            zero component) recovers the accuracy. ``None`` (default): the zero component is pruned at the end only.
         log_histograms: log per-layer weight histograms to TensorBoard each epoch.
         log_every_n_steps: how often to log the components; ``None`` follows the trainer.
         save_weights: write ``gmm_weights.npz`` (all compressed weights at start, end, after quantization).
@@ -222,6 +229,7 @@ class GMMPrior(Callback):
         merge_threshold: float = 0.1,
         merge_criterion: str = "kl",
         quantize_on_end: bool = True,
+        prune_from_epoch: int | None = None,
         log_histograms: bool = True,
         log_every_n_steps: int | None = None,
         save_weights: bool = True,
@@ -257,6 +265,9 @@ class GMMPrior(Callback):
             raise ValueError(f"init_means must be 'range' or 'kmeans', got {init_means!r}")
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
+        if prune_from_epoch is not None and (isinstance(prune_from_epoch, bool) or not isinstance(prune_from_epoch, int)
+                                             or prune_from_epoch < 0):
+            raise ValueError(f"prune_from_epoch must be None or an integer epoch >= 0, got {prune_from_epoch!r}")
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be None or >= 1, got {log_every_n_steps!r}")
         self.num_components = num_components
@@ -271,6 +282,10 @@ class GMMPrior(Callback):
         self.merge_threshold = float(merge_threshold)
         self.merge_criterion = merge_criterion
         self.quantize_on_end = quantize_on_end
+        self.prune_from_epoch = prune_from_epoch
+        # kept-weight masks of the compressed parameters once the zero component was pruned (prune_from_epoch)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.pruned: dict[str, Any] | None = None  # when, and the non-zero fraction per layer then
         self.log_histograms = log_histograms
         self.log_every_n_steps = log_every_n_steps
         self.save_weights = save_weights
@@ -365,6 +380,13 @@ class GMMPrior(Callback):
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
+        if self.masks:  # restored from a checkpoint: the pruned weights are held at 0 from the first step
+            unknown = sorted(set(self.masks) - set(params))
+            if unknown:
+                raise ValueError(f"GMMPrior: restored pruning masks {unknown} match no compressed parameter of "
+                                 f"{type(pl_module).__name__} (compressed: {sorted(params)})")
+            self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
+            self._apply_masks()
         self._record_at_start = not self.initialized  # a resumed run already has its first record
         self.initialized = True
         if self.save_weights and self._initial is None:
@@ -427,6 +449,11 @@ class GMMPrior(Callback):
             return  # another optimizer (manual optimization with several)
         scale = self.current_tau(trainer.current_epoch) / float(self.dataset_size or 1)
         self.apply_prior_gradient(scale=scale, step=trainer.global_step)
+        if self.masks:
+            for name, mask in self.masks.items():
+                g = self._params[name].grad
+                if g is not None:
+                    g.mul_(mask)
         if not self._network_step_skipped(trainer, optimizer):
             self.step_mixture()
 
@@ -556,6 +583,8 @@ class GMMPrior(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.masks:
+            self._apply_masks()  # Adam's moments or weight decay may have moved a pruned weight
         if self.last_prior_loss is not None:
             self._epoch_loss[0] += self.last_prior_loss
             self._epoch_loss[1] += 1
@@ -619,6 +648,56 @@ class GMMPrior(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_loss = [0.0, 0]
+        if self.prune_from_epoch is not None and trainer.current_epoch >= self.prune_from_epoch and not self.masks:
+            self.prune_zero_component(trainer)
+
+    # -- pruning the zero component during training (prune_from_epoch) -------------------------------------------------
+    def _merged_mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return merge_components(
+                self.mixture.means.detach().double().cpu(),
+                self.mixture.stds.detach().double().cpu(),
+                self.mixture.pis.detach().double().cpu(),
+                self.merge_threshold,
+                self.merge_criterion,
+            )
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        for name, mask in self.masks.items():
+            self._params[name].mul_(mask)
+
+    @torch.no_grad()
+    def prune_zero_component(self, trainer: pl.Trainer | None = None) -> dict[str, Any]:
+        """Set the weights the zero component owns (in the merged mixture, as :meth:`quantize` assigns them) to
+        exactly 0 and hold them there for the rest of training; zero their optimizer state too.
+
+        Returns:
+            the record kept in ``gmm_history.json`` (``"pruned"``): epoch, step and the non-zero fraction per layer.
+        """
+        if not self._params:
+            raise RuntimeError("GMMPrior.prune_zero_component: call it during fit (no compressed parameters yet)")
+        m, s, pi = self._merged_mixture()
+        masks: dict[str, torch.Tensor] = {}
+        for name, p in self._params.items():
+            _, idx = quantize_weights(p.detach(), m.to(p.device), s.to(p.device), pi.to(p.device))
+            masks[name] = (idx != 0).view(p.shape).to(p.dtype)
+        self.masks = masks
+        self._apply_masks()
+        if trainer is not None:
+            mask_optimizer_state(trainer.optimizers, self._params, self.masks)
+        kept = {n: float(mk.double().mean()) for n, mk in masks.items()}
+        total = sum(float(mk.sum()) for mk in masks.values()) / max(self.num_weights, 1)
+        self.pruned = {
+            "epoch": int(trainer.current_epoch) if trainer is not None else None,
+            "step": int(trainer.global_step) if trainer is not None else None,
+            "nonzero": total,
+            "nonzero_by_layer": kept,
+        }
+        if trainer is not None and trainer.logger is not None:
+            trainer.logger.log_metrics({"gmm/pruned_nonzero": total}, step=trainer.global_step)
+        self._write_history(trainer)
+        return self.pruned
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -643,6 +722,7 @@ class GMMPrior(Callback):
             "dataset_size": self.dataset_size,
         }
         out["merged"] = self.merged
+        out["pruned"] = self.pruned
         return out
 
     def _write_history(self, trainer: pl.Trainer | None) -> None:
@@ -691,14 +771,8 @@ class GMMPrior(Callback):
         params = self._params or self.filter_parameters(pl_module)
         if not params:
             raise ValueError(f"GMMPrior.quantize: no parameter to quantize in {type(pl_module).__name__}")
+        m, s, pi = self._merged_mixture()
         with torch.no_grad():
-            m, s, pi = merge_components(
-                self.mixture.means.detach().double().cpu(),
-                self.mixture.stds.detach().double().cpu(),
-                self.mixture.pis.detach().double().cpu(),
-                self.merge_threshold,
-                self.merge_criterion,
-            )
             for p in params.values():
                 q, _ = quantize_weights(p.detach(), m.to(p.device), s.to(p.device), pi.to(p.device))
                 p.copy_(q)
@@ -719,6 +793,8 @@ class GMMPrior(Callback):
             "dataset_size": self.dataset_size,
             "history": json.loads(json.dumps(self.history)),
             "merged": self.merged,
+            "masks": {n: m.detach().bool().cpu() for n, m in self.masks.items()},
+            "pruned": self.pruned,
         }
 
     @override
@@ -727,6 +803,7 @@ class GMMPrior(Callback):
             self._pending_state = state_dict
             self.mixture.load_state_dict(state_dict["mixture"])
             self.initialized = bool(state_dict["initialized"])
+            self._load_masks(state_dict)
             return
         self._apply_state(state_dict)
 
@@ -740,3 +817,10 @@ class GMMPrior(Callback):
             self.dataset_size = int(state["dataset_size"])
         self.history = state.get("history") or self._empty_history()
         self.merged = state.get("merged")
+        self._load_masks(state)
+
+    def _load_masks(self, state: Mapping[str, Any]) -> None:
+        # float masks on the weights' device, made in on_fit_start; checkpoints without them (older, or saved before
+        # prune_from_epoch) have none
+        self.masks = {str(n): m.float() for n, m in (state.get("masks") or {}).items()}
+        self.pruned = state.get("pruned")

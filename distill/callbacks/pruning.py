@@ -14,7 +14,7 @@ computed from the (synchronised) weights and broadcast from rank 0, so every ran
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,23 @@ def _names_layer(name: str, key: str) -> bool:
     """Whether mapping key ``key`` (``fc1``, ``fc1.weight``, ``model.fc1``...) names parameter ``name``."""
     layer = name.removesuffix(".weight")
     return key in (name, layer) or name.endswith("." + key) or layer.endswith("." + key)
+
+
+@torch.no_grad()
+def mask_optimizer_state(
+    optimizers: Iterable[torch.optim.Optimizer], params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+) -> None:
+    """Zero the pruned entries of every per-weight optimizer state tensor (momenta, Adam's moments) of ``params``,
+    so that a pruned weight is not moved by what it accumulated before."""
+    by_id = {id(params[n]): m for n, m in masks.items() if n in params}
+    for opt in optimizers:
+        for p, state in opt.state.items():
+            mask = by_id.get(id(p))
+            if mask is None:
+                continue
+            for v in state.values():
+                if isinstance(v, torch.Tensor) and v.shape == mask.shape:
+                    v.mul_(mask.to(v.device, v.dtype))
 
 
 class MagnitudePruning(Callback):
@@ -176,17 +193,8 @@ class MagnitudePruning(Callback):
             if p is not None:
                 p.mul_(mask.to(p.device, p.dtype))
 
-    @torch.no_grad()
     def _mask_optimizer_state(self, trainer: pl.Trainer) -> None:
-        by_id = {id(self._params[n]): m for n, m in self.masks.items() if n in self._params}
-        for opt in trainer.optimizers:
-            for p, state in opt.state.items():
-                mask = by_id.get(id(p))
-                if mask is None:
-                    continue
-                for v in state.values():
-                    if isinstance(v, torch.Tensor) and v.shape == mask.shape:
-                        v.mul_(mask.to(v.device, v.dtype))
+        mask_optimizer_state(trainer.optimizers, self._params, self.masks)
 
     def sparsity_by_layer(self) -> dict[str, float]:
         """Fraction of exact zeros of each pruned weight, keyed by layer (the name without ``.weight``)."""
