@@ -393,6 +393,7 @@ def test_sws_configs_parse(name: str, tau: Any, warmup: int, gamma: tuple[float,
         args = cfg["trainer"]["callbacks"][callbacks.index("GMMPrior")]["init_args"]
         assert args["num_components"] == 16 and args["warmup_epochs"] == warmup
         assert GMMPrior(tau=args["tau"]).tau == tau and tuple(args["gamma"]) == gamma
+        assert args["prune_from_epoch"] == 30 and cfg["trainer"]["max_epochs"] == 40  # zeros held for the last 10
         return
     cli = DistillCLI(args=["-c", str(config), "--data.init_args.download", "false"], run=False)
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
