@@ -220,7 +220,7 @@ def test_prune_from_epoch_holds_the_zero_components_members_at_zero(trainer_kwar
     cb = GMMPrior(**prior_kwargs(prune_from_epoch=1, tau=5.0, method="table", pi_zero=0.9, init_std=0.05))
     seen: dict[str, Any] = {}
 
-    class Snapshot(Callback):  # the weights just after the prune, and what quantize() would zero then
+    class Snapshot(Callback):  # after GMMPrior's epoch start: the weights just after the prune
         def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
             if trainer.current_epoch == 1:
                 seen["w"] = {n: p.detach().clone() for n, p in cb._params.items()}

@@ -197,9 +197,10 @@ class GMMPrior(Callback):
         prune_from_epoch: from the start of this epoch on, the weights the zero component owns (after merging, as
             :meth:`quantize` decides at the end) are set to exactly 0 and held there (their gradients masked, the
             weights re-zeroed after each step), while the others go on training under the prior. With a ``tau``
-            schedule, e.g. ``tau: {0: 1.0, 20: 0.1}`` and ``prune_from_epoch: 20``, the sparsity the strong phase
-            reached is kept while the weak phase (and distillation, which otherwise pulls members back out of the
-            zero component) recovers the accuracy. ``None`` (default): the zero component is pruned at the end only.
+            schedule and distillation, which pulls members back out of the zero component in the weak phase, prune
+            late in it: on LeNet5Caffe ``tau: {0: 1.0, 20: 0.1}`` with ``prune_from_epoch: 30`` of 40 ended sparser
+            than without, while pruning at 20 (before that revival) cost 0.6 points of accuracy (BENCHMARKS.md).
+            ``None`` (default): the zero component is pruned at the end only.
         log_histograms: log per-layer weight histograms to TensorBoard each epoch.
         log_every_n_steps: how often to log the components; ``None`` follows the trainer.
         save_weights: write ``gmm_weights.npz`` (all compressed weights at start, end, after quantization).
@@ -603,14 +604,8 @@ class GMMPrior(Callback):
 
     def _significant(self) -> int:
         """Components (after merging) that are the most responsible for at least one weight."""
+        m, s, pi = self._merged_mixture()
         with torch.no_grad():
-            m, s, pi = merge_components(
-                self.mixture.means.detach().double(),
-                self.mixture.stds.detach().double(),
-                self.mixture.pis.detach().double(),
-                self.merge_threshold,
-                self.merge_criterion,
-            )
             used = torch.zeros(m.numel(), dtype=torch.bool)
             lp, lpi = -2.0 * s.log(), pi.clamp_min(1e-300).log()
             for p in self._params.values():
