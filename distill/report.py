@@ -385,6 +385,7 @@ def summary_markdown(run: RunArtifacts, figures: Mapping[str, str] | None = None
     if history and history.get("means"):
         start, end = len(history["means"][0]), len(history["means"][-1])
         sig = history.get("significant") or []
+        nonzero = history.get("nonzero") or []
         merged = (history.get("merged") or {}).get("means")
         prior_loss = history.get("prior_loss") or []
         lines += ["", "## Mixture prior", ""]
@@ -392,13 +393,15 @@ def summary_markdown(run: RunArtifacts, figures: Mapping[str, str] | None = None
             f"{start} components at the start"
             + (f", {sig[0]} -> {sig[-1]} significant" if sig else "")
             + (f", {len(merged)} after merging" if merged else "")
+            + (f"; {_pct(nonzero[0])} -> {_pct(nonzero[-1])} of the weights off the zero component" if nonzero else "")
             + (f"; final prior loss {_fmt(_num(prior_loss[-1]), '.4g')}" if prior_loss else "")
             + (f" ({end} components in the last record)." if end != start else ".")
         )
     if run.scalars:
         lines += ["", "## Last logged metrics", "", "| metric | value |", "|---|---:|"]
         for tag in sorted(run.scalars):
-            if tag.split("/", 1)[0] in {"train", "val", "test", "compress", "prune"} or tag == "gmm/significant":
+            shown = tag.split("/", 1)[0] in {"train", "val", "test", "compress", "prune"}
+            if shown or tag in {"gmm/significant", "gmm/nonzero"}:
                 lines.append(f"| {tag} | {_fmt(run.last_scalar(tag), '.4g')} |")
     if figures:
         lines += ["", "## Figures", ""]

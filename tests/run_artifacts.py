@@ -34,6 +34,7 @@ def gmm_history(seed: int = 0) -> dict[str, Any]:
         "pis": pis,
         "prior_loss": [float(100 - 10 * r) for r in range(EPOCHS + 1)],
         "significant": sig,
+        "nonzero": [1.0 - 0.1 * r for r in range(EPOCHS + 1)],
         "hyperprior": {
             "gamma": {"alpha": 250.0, "beta": 0.1},
             "gamma_zero": {"alpha": 5000.0, "beta": 2.0},

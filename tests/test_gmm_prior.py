@@ -274,6 +274,10 @@ def test_artifacts_logging_and_quantize(trainer_kwargs: dict[str, Any], tmp_path
         assert z["initial"].dtype == np.float32 and z["initial"].shape == (12 * 16 + 16 * 4,)
         assert not np.array_equal(z["initial"], z["final"])
         assert len(np.unique(z["quantized"])) <= 5
+        q = z["quantized"]
+    # the non-zero fraction logged at the last epoch end is what quantizing left non-zero, overall and per layer
+    assert len(hist["nonzero"]) == 3 and hist["nonzero"][-1] == pytest.approx(np.count_nonzero(q) / q.size)
+    assert hist["nonzero_by_layer"][-1]["net.0.weight"] == pytest.approx(np.count_nonzero(q[:12 * 16]) / (12 * 16))
     w = torch.cat([model.net[0].weight.reshape(-1), model.net[2].weight.reshape(-1)])
     np.testing.assert_array_equal(w.detach().numpy(), np.load(run / "gmm_weights.npz")["quantized"])
     codebook = cb.quantize(model)["*"]
@@ -285,7 +289,7 @@ def test_artifacts_logging_and_quantize(trainer_kwargs: dict[str, Any], tmp_path
     ea = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0})
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    assert {"gmm/mean_1", "gmm/std_0", "gmm/pi_0", "gmm/significant"} <= tags
+    assert {"gmm/mean_1", "gmm/std_0", "gmm/pi_0", "gmm/significant", "gmm/nonzero"} <= tags
     assert {"gmm/prior_loss_step", "gmm/prior_loss_epoch"} <= tags
     assert "gmm/weights/net.0.weight" in ea.Tags()["histograms"]
     assert len(torch.unique(model.net[0].bias)) > 5  # biases stay full precision

@@ -35,7 +35,7 @@ def test_report_writes_every_figure_and_the_summary(tmp_path: Path) -> None:
     assert "| decoded from file | 95.50% |" in summary
     assert "Compression rate: **24.5x**" in summary
     assert "Accuracy loss: 1.50 percentage points." in summary
-    assert "6 components at the start, 6 -> 2 significant, 3 after merging" in summary
+    assert "6 components at the start, 6 -> 2 significant, 3 after merging; 100.00% -> 60.00% of the weights" in summary
     assert "| val/acc | 0.93 |" in summary
     assert "![figure 2: mixture_dynamics](fig2_mixture_dynamics.png)" in summary
 

@@ -163,7 +163,9 @@ class GMMPrior(Callback):
 
     Logs ``gmm/mean_{j}``, ``gmm/std_{j}``, ``gmm/pi_{j}`` (every ``log_every_n_steps`` and at each epoch end),
     ``gmm/prior_loss_step`` (on the trainer's logging steps), ``gmm/prior_loss_epoch`` (epoch mean),
-    ``gmm/significant`` (components that own at least one weight after merging) and, with TensorBoard, a histogram
+    ``gmm/significant`` (components that own at least one weight after merging), ``gmm/nonzero`` (the fraction of
+    compressed weights the merged zero component does not own: what quantizing now would leave non-zero; per layer
+    in ``gmm_history.json``, at each epoch end) and, with TensorBoard, a histogram
     of each compressed layer's weights per epoch. Writes ``gmm_history.json`` and
     ``gmm_weights.npz`` into the run folder.
 
@@ -337,7 +339,7 @@ class GMMPrior(Callback):
     # -- setup ---------------------------------------------------------------------------------------------------------
     @staticmethod
     def _empty_history() -> dict[str, Any]:
-        keys = ("epochs", "steps", "means", "stds", "pis", "prior_loss", "significant")
+        keys = ("epochs", "steps", "means", "stds", "pis", "prior_loss", "significant", "nonzero", "nonzero_by_layer")
         return {k: [] for k in keys}
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -604,15 +606,26 @@ class GMMPrior(Callback):
 
     def _significant(self) -> int:
         """Components (after merging) that are the most responsible for at least one weight."""
+        return self._assignment()[0]
+
+    def _assignment(self) -> tuple[int, float, dict[str, float]]:
+        """One assignment of every compressed weight to its most responsible merged component, as :meth:`quantize`
+        makes it: the number of components used, and the fraction of weights not owned by the zero component (what
+        would stay non-zero if quantized now), overall and per parameter."""
         m, s, pi = self._merged_mixture()
+        used = torch.zeros(m.numel(), dtype=torch.bool)
+        nonzero: dict[str, float] = {}
+        kept = 0
         with torch.no_grad():
-            used = torch.zeros(m.numel(), dtype=torch.bool)
             lp, lpi = -2.0 * s.log(), pi.clamp_min(1e-300).log()
-            for p in self._params.values():
+            for name, p in self._params.items():
                 w = p.detach().reshape(-1).double()
                 idx = assign_components(w, m.to(w.device), lp.to(w.device), lpi.to(w.device))
                 used[idx.unique().cpu()] = True
-        return int(used.sum())
+                n = int((idx != 0).sum())
+                kept += n
+                nonzero[name] = n / max(w.numel(), 1)
+        return int(used.sum()), kept / max(self.num_weights, 1), nonzero
 
     def _exact_prior_loss(self, scale: float) -> float:
         with torch.no_grad():
@@ -632,11 +645,15 @@ class GMMPrior(Callback):
             h["stds"].append(self.mixture.stds.tolist())
             h["pis"].append(self.mixture.pis.tolist())
         h["prior_loss"].append(float(loss))
-        significant = self._significant()
+        significant, nonzero, by_layer = self._assignment()
         h["significant"].append(significant)
+        # older checkpoints' histories lack these two
+        h.setdefault("nonzero", []).append(nonzero)
+        h.setdefault("nonzero_by_layer", []).append(by_layer)
         if trainer.logger is not None:
             metrics = self._components()
             metrics["gmm/significant"] = float(significant)
+            metrics["gmm/nonzero"] = nonzero
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         self._write_history(trainer)
 
