@@ -13,10 +13,12 @@ from typing import Any
 
 from torch import nn
 
+from distill.errors import DistillError
+
 __all__ = ["ArchitectureError", "arch_spec", "build_module"]
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(DistillError, ValueError):
     """An architecture description cannot be turned into a module."""
 
 

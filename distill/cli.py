@@ -8,6 +8,7 @@ LightningCLI parses anything. ``python -m distill`` is the same command.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from distill.errors import check_checkpoint_file, find_user_error, user_message
 
 __all__ = ["DistillCLI", "main"]
 
@@ -83,6 +86,32 @@ class DistillCLI(LightningCLI):
         )
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
 
+    def _check_ckpt_path(self) -> None:
+        """A missing or unreadable ``--ckpt_path`` fails here, in one line, not after the whole set-up."""
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        # Lightning's special values ("last", "best", "hpc", "registry[:...]") and remote URLs go to Lightning as given
+        if path and str(path) not in ("last", "best", "hpc") and not str(path).startswith("registry") \
+                and "://" not in str(path):
+            check_checkpoint_file(path, "--ckpt_path")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning (>= 2.5) reads the checkpoint's hyper-parameters here, in __init__, with torch's bare errors
+        self._check_ckpt_path()
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._check_ckpt_path()
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
@@ -114,8 +143,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = _extra_command(args[0])(args[1:])
         raise SystemExit(code or 0)
     torch.set_float32_matmul_precision("high")
-    # args=None when reading the command line: LightningCLI warns when given both args and a non-empty sys.argv
-    DistillCLI(args=None if argv is None else args)
+    try:
+        # args=None when reading the command line: LightningCLI warns when given both args and a non-empty sys.argv
+        DistillCLI(args=None if argv is None else args)
+    except Exception as exc:
+        err = find_user_error(exc)
+        if err is None or os.environ.get("DISTILL_TRACEBACK"):
+            raise
+        print(f"distill: error: {user_message(err)}\n(DISTILL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

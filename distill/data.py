@@ -17,6 +17,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+from distill.errors import DistillError
+
 __all__ = [
     "CIFAR10DataModule",
     "DataNotFoundError",
@@ -33,7 +35,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(DistillError, FileNotFoundError):
     """A data set's files are missing and could not be downloaded."""
 
 

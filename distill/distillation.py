@@ -43,6 +43,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from distill.arch import arch_spec, build_module
+from distill.errors import CheckpointError, DistillError, read_checkpoint
 from distill.hooks import FeatureCapture, get_module
 from distill.io import atomic_path
 from distill.losses import feature_mse, kd_kl, softmax_mse, weighted_distillation
@@ -80,11 +81,11 @@ _SCHEDULES = ("independent", "joint", "progressive")
 _REPO = Path(__file__).resolve().parents[1]
 
 
-class TeacherNotFoundError(FileNotFoundError):
+class TeacherNotFoundError(DistillError, FileNotFoundError):
     """The teacher checkpoint does not exist; the message says which command produces it."""
 
 
-class LayerMappingError(ValueError):
+class LayerMappingError(DistillError, ValueError):
     """A layer mapping names a missing module, or its shapes cannot be matched."""
 
 
@@ -129,12 +130,16 @@ def load_network(path: str | os.PathLike[str], role: str = "teacher") -> nn.Modu
 
     Raises:
         TeacherNotFoundError: if ``path`` does not exist (the message names the command that produces it).
-        ValueError: if the checkpoint holds neither a ``model`` nor a ``student`` description.
+        CheckpointError: (a ``ValueError``) if the file is not a readable checkpoint or holds neither a ``model`` nor
+            a ``student`` description.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise TeacherNotFoundError(f"{role} checkpoint {str(path)!r} does not exist. {_producer_hint(p)}")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(p, f"{role} checkpoint")
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{role} checkpoint {str(path)!r} is not a Lightning checkpoint (a "
+                              f"{type(ckpt).__name__}, not a dict). Fix: point at a checkpoint written by distill fit.")
     hparams = ckpt.get("hyper_parameters") or {}
     state = ckpt.get("state_dict") or {}
     for key in ("model", "student"):
@@ -145,7 +150,7 @@ def load_network(path: str | os.PathLike[str], role: str = "teacher") -> nn.Modu
             weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             net.load_state_dict(weights)
             return net
-    raise ValueError(
+    raise CheckpointError(
         f"{role} checkpoint {str(path)!r} describes no network: expected hyper_parameters['model'] (a Classifier "
         f"checkpoint) or hyper_parameters['student'] (a Distiller checkpoint) with a class_path, found keys "
         f"{sorted(hparams)}"
@@ -157,15 +162,16 @@ def load_student(path: str | os.PathLike[str]) -> nn.Module:
 
     Raises:
         TeacherNotFoundError: if ``path`` does not exist.
-        ValueError: if the checkpoint is not a Distiller checkpoint.
+        CheckpointError: (a ``ValueError``) if the file is not a readable Distiller checkpoint.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise TeacherNotFoundError(f"Distiller checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    spec = (ckpt.get("hyper_parameters") or {}).get("student")
+    ckpt = read_checkpoint(p, "Distiller checkpoint")
+    spec = (ckpt.get("hyper_parameters") or {}).get("student") if isinstance(ckpt, Mapping) else None
     if not (isinstance(spec, Mapping) and isinstance(spec.get("class_path"), str)):
-        raise ValueError(f"{str(path)!r} is not a Distiller checkpoint: hyper_parameters has no 'student' description")
+        raise CheckpointError(f"{str(path)!r} is not a Distiller checkpoint: hyper_parameters has no 'student' "
+                              "description")
     return load_network(p, role="student")
 
 

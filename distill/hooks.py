@@ -19,10 +19,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from distill.errors import DistillError
+
 __all__ = ["FeatureCapture", "ModulePathError", "get_module", "has_hooks", "module_paths"]
 
 
-class ModulePathError(ValueError):
+class ModulePathError(DistillError, ValueError):
     """A dotted module path does not name a submodule."""
 
 

@@ -26,6 +26,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from distill import plots
+from distill.errors import DistillError
 from distill.io import atomic_write_text  # re-exported: the public name predates distill.io
 
 __all__ = [
@@ -67,7 +68,7 @@ FIGURES: dict[str, int] = {
 }
 
 
-class NotARunError(ValueError):
+class NotARunError(DistillError, ValueError):
     """The folder given is not the output folder of a ``distill fit`` run."""
 
 

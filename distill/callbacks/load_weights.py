@@ -13,6 +13,12 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from typing_extensions import override
 
+from distill.errors import CheckpointError, DistillError, MissingCheckpointError, read_checkpoint
+
+
+class CheckpointKeysError(DistillError, KeyError):
+    """The checkpoint's keys do not match the module's (both lists in the message)."""
+
 __all__ = ["LoadWeights", "load_weights_from_checkpoint"]
 
 
@@ -35,14 +41,14 @@ def load_weights_from_checkpoint(
         the keys of ``module`` that were loaded.
 
     Raises:
-        FileNotFoundError: if the checkpoint does not exist.
-        KeyError: on missing or unexpected keys (listed).
-        ValueError: on a shape mismatch (named).
+        FileNotFoundError: if the checkpoint does not exist (a :class:`~distill.errors.CheckpointError`).
+        CheckpointError: if the file is not a readable checkpoint, or on a shape mismatch (named); a ``ValueError``.
+        CheckpointKeysError: on missing or unexpected keys (listed); a ``KeyError``.
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"LoadWeights: checkpoint {str(path)!r} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+        raise MissingCheckpointError(f"LoadWeights: checkpoint {str(path)!r} does not exist")
+    blob = read_checkpoint(path, "LoadWeights: checkpoint")
     source = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(source, dict):
         raise ValueError(f"LoadWeights: {str(path)!r} holds no state_dict")
@@ -51,13 +57,13 @@ def load_weights_from_checkpoint(
     missing = sorted(set(target) - set(renamed))
     unexpected = sorted(set(renamed) - set(target))
     if missing or unexpected:
-        raise KeyError(
+        raise CheckpointKeysError(
             f"LoadWeights: checkpoint {str(path)!r} does not match the module: missing keys {missing}, "
             f"unexpected keys {unexpected} (source_prefix={source_prefix!r}, target_prefix={target_prefix!r})"
         )
     for k, v in renamed.items():
         if tuple(v.shape) != tuple(target[k].shape):
-            raise ValueError(
+            raise CheckpointError(
                 f"LoadWeights: shape of {k!r} is {tuple(v.shape)} in {str(path)!r} but {tuple(target[k].shape)} "
                 "in the module"
             )

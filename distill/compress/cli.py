@@ -21,13 +21,14 @@ from torch import nn
 from distill.arch import ArchitectureError, build_module
 from distill.compress.fileformat import CompressedFileError, load_compressed, read_header
 from distill.compress.pipeline import deep_compress, evaluate_accuracy
+from distill.errors import DistillError
 
 __all__ = ["compress_main", "evaluate_main", "find_checkpoint", "network_from_checkpoint"]
 
 _NETWORK_KEYS = ("student", "model")  # hparams / state-dict prefixes of the network in our LightningModules
 
 
-class CLIError(Exception):
+class CLIError(DistillError):
     """A user error: printed without a traceback, exit code 2."""
 
 

@@ -33,6 +33,7 @@ from distill.arch import arch_spec, build_module
 from distill.compress import huffman
 from distill.compress.params import compressible_parameters
 from distill.compress.sparse import best_index_bits, decode_positions, encode_positions
+from distill.errors import DistillError
 from distill.io import atomic_write_bytes
 
 __all__ = [
@@ -72,7 +73,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class CompressedFileError(ValueError):
+class CompressedFileError(DistillError, ValueError):
     """A compressed model file is not valid: foreign, truncated, corrupted, of an unknown version or inconsistent."""
 
 

@@ -1,0 +1,110 @@
+"""Errors in what the user gave distill, and reading checkpoints safely.
+
+Every error caused by the user's input (a config value, a checkpoint, a compressed file, a data path, a layer name)
+derives from :class:`DistillError` as well as from the built-in type it always had (``FileNotFoundError``,
+``ValueError``, ...), so ``except ValueError`` keeps working. Its message names the problem and the fix. The
+``distill`` command prints such an error as one line, without the traceback (which the user cannot act on, and which
+jsonargparse buries under its own report when the error comes from building a class of the config); set
+``DISTILL_TRACEBACK=1`` to see it anyway. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "DistillError", "MissingCheckpointError", "check_checkpoint_file", "find_user_error",
+           "read_checkpoint", "user_message"]
+
+
+class DistillError(Exception):
+    """An error in the user's input; the message says what is wrong and how to fix it."""
+
+
+class CheckpointError(DistillError, ValueError):
+    """A checkpoint file cannot be read (not a PyTorch checkpoint, truncated, corrupted) or holds the wrong things."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A checkpoint path that is not a file."""
+
+
+def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with an error a user can act on.
+
+    ``weights_only=True`` always: a checkpoint's objects are tensors and plain containers, never code; distill does
+    not fall back to unpickling (torch's own message suggests it, which would run whatever the file holds).
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a file (a :class:`CheckpointError`).
+        CheckpointError: if the file is not a readable checkpoint, naming the file and the reason.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise MissingCheckpointError(f"{what} {str(path)!r} does not exist (or is not a file)")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file: say which and why, in the user's terms
+        if isinstance(err, MemoryError):
+            raise
+        if not zipfile.is_zipfile(p):
+            reason = ("the file is truncated (a PyTorch zip archive without its end)" if _looks_truncated_zip(p)
+                      else "not a PyTorch checkpoint (torch.save writes a zip archive)")
+        elif "Weights only load failed" in str(err):
+            reason = ("it holds Python objects other than tensors and plain containers, which distill does not "
+                      "unpickle (that would run code from the file)")
+        else:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            reason = f"not a PyTorch checkpoint, or corrupted ({type(err).__name__}: {first[:200]})"
+        raise CheckpointError(
+            f"cannot read {what} {str(path)!r}: {reason}. Fix: point at a checkpoint written by `distill fit` "
+            f"(runs/<name>/checkpoints/last.ckpt), or write it again."
+        ) from err
+
+
+
+
+def _looks_truncated_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def check_checkpoint_file(path: str | os.PathLike[str], what: str = "checkpoint") -> None:
+    """Fail early, cheaply (no loading), on a checkpoint path that is missing or not a complete zip archive (the
+    format ``torch.save`` writes): a resumed run should not die after setting everything up."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise MissingCheckpointError(f"{what} {str(path)!r} does not exist (or is not a file). Fix: give the path of a "
+                                      "checkpoint written by `distill fit`, e.g. runs/<name>/checkpoints/last.ckpt")
+    if not zipfile.is_zipfile(p):
+        reason = ("the file is truncated (a PyTorch zip archive without its end)" if _looks_truncated_zip(p)
+                  else "not a PyTorch checkpoint (torch.save writes a zip archive)")
+        raise CheckpointError(f"cannot read {what} {str(path)!r}: {reason}. Fix: point at a checkpoint written by "
+                              "`distill fit` (runs/<name>/checkpoints/last.ckpt), or write it again.")
+
+
+def user_message(err: BaseException) -> str:
+    """The message of an exception as a user should read it (a ``KeyError``'s without the quotes ``str`` adds)."""
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]
+    return str(err)
+
+
+def find_user_error(exc: BaseException) -> DistillError | None:
+    """The :class:`DistillError` that caused ``exc``, following ``__cause__`` and ``__context__`` (jsonargparse
+    and Lightning re-raise their own exceptions from ours), or ``None``."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        cur = todo.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, DistillError):
+            return cur
+        todo += [cur.__cause__, cur.__context__]
+    return None

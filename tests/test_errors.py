@@ -1,0 +1,113 @@
+"""User errors: unreadable checkpoints are named with the fix, and ``distill`` prints them without a traceback."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.cli import main
+from distill.errors import CheckpointError, DistillError, MissingCheckpointError, find_user_error, read_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart"
+
+
+class _Opaque:  # a pickled class: weights_only loading refuses it
+    pass
+
+
+@pytest.fixture
+def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    monkeypatch.chdir(tmp_path)  # the configs' relative run folders land here, if anything is written
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2000)}}, good)
+    out = {"good": good, "missing": tmp_path / "missing.ckpt"}
+    out["random"] = tmp_path / "random.ckpt"
+    out["random"].write_bytes(bytes(range(256)) * 8)
+    out["truncated"] = tmp_path / "truncated.ckpt"
+    out["truncated"].write_bytes(good.read_bytes()[:1500])
+    out["objects"] = tmp_path / "objects.ckpt"
+    torch.save({"thing": _Opaque()}, out["objects"])
+    return out
+
+
+def test_read_checkpoint_names_the_problem(files: dict[str, Path]) -> None:
+    assert torch.equal(read_checkpoint(files["good"])["state_dict"]["w"], torch.ones(2000))
+    with pytest.raises(MissingCheckpointError, match="'.*missing.ckpt' does not exist") as missing:
+        read_checkpoint(files["missing"])
+    assert isinstance(missing.value, FileNotFoundError)  # the built-in type it always had
+    with pytest.raises(CheckpointError, match="random.ckpt'.*not a PyTorch checkpoint.*Fix:"):
+        read_checkpoint(files["random"])
+    with pytest.raises(CheckpointError, match="truncated.ckpt'.*truncated"):
+        read_checkpoint(files["truncated"])
+    with pytest.raises(CheckpointError, match="objects.ckpt'.*Python objects.*does not unpickle") as objects:
+        read_checkpoint(files["objects"], "teacher checkpoint")
+    assert "cannot read teacher checkpoint" in str(objects.value)
+    assert "weights_only` set to `False`" not in str(objects.value)  # never torch's advice to unpickle
+
+
+def test_find_user_error_follows_the_chain() -> None:
+    inner = CheckpointError("bad file")
+    try:
+        try:
+            raise inner
+        except CheckpointError:
+            raise ValueError("Does not validate against any of the Union subtypes")  # noqa: B904 - as jsonargparse
+    except ValueError as outer:
+        assert find_user_error(outer) is inner
+    assert find_user_error(RuntimeError("a bug")) is None
+
+
+def _fit(tmp_path: Path, *extra: str) -> list[str]:
+    return ["fit", "-c", str(QUICKSTART / "student.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false", *extra]
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("missing", "teacher checkpoint '.*missing.ckpt' does not exist"),
+    ("random", "cannot read teacher checkpoint '.*random.ckpt': not a PyTorch checkpoint"),
+    ("truncated", "cannot read teacher checkpoint '.*truncated.ckpt': the file is truncated"),
+])
+def test_cli_prints_a_bad_teacher_in_one_line(kind: str, message: str, files: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit(tmp_path, "--model.init_args.teacher", str(files[kind])))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search("distill: error: " + message, err), err
+    assert "Traceback" not in err and "Namespace(" not in err and "Union subtypes" not in err
+
+
+def test_cli_checks_ckpt_path_before_setting_up(files: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(QUICKSTART / "teacher.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--ckpt_path", str(files["truncated"])])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "distill: error: cannot read --ckpt_path" in err and "truncated" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing was set up or trained
+
+
+def test_cli_missing_data_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(REPO / "configs" / "mnist" / "lenet300_100_teacher.yaml"),
+              "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.init_args.download", "false",
+              "--data.init_args.data_dir", str(tmp_path / "nowhere"), "--trainer.enable_progress_bar", "false"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "distill: error: MNIST not found under" in err and "DISTILL_DATA" in err and "Traceback" not in err
+
+
+def test_traceback_on_request_and_for_bugs(files: dict[str, Path], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILL_TRACEBACK", "1")
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - whatever jsonargparse wraps it in
+        main(_fit(tmp_path, "--model.init_args.teacher", str(files["random"])))
+    assert isinstance(find_user_error(raised.value), CheckpointError)
+    assert issubclass(CheckpointError, DistillError) and issubclass(CheckpointError, ValueError)
