@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from distill.errors import check_checkpoint_file, find_user_error, user_message
+from distill.errors import check_checkpoint_file, find_config_error, find_user_error, user_message
 
 __all__ = ["DistillCLI", "main"]
 
@@ -147,10 +147,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         # args=None when reading the command line: LightningCLI warns when given both args and a non-empty sys.argv
         DistillCLI(args=None if argv is None else args)
     except Exception as exc:
-        err = find_user_error(exc)
-        if err is None or os.environ.get("DISTILL_TRACEBACK"):
+        if os.environ.get("DISTILL_TRACEBACK"):
             raise
-        print(f"distill: error: {user_message(err)}\n(DISTILL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        err = find_user_error(exc)
+        if err is not None:
+            message = user_message(err)
+        elif (config := find_config_error(exc)) is not None:  # an argument check in a configured class's __init__
+            message = f"{config[0]}: {config[1]}. Fix: change it in the config file or on the command line."
+        else:
+            raise  # a bug: keep the traceback
+        print(f"distill: error: {message}\n(DISTILL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

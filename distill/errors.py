@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "DistillError", "MissingCheckpointError", "check_checkpoint_file", "find_user_error",
-           "read_checkpoint", "user_message"]
+__all__ = ["CheckpointError", "DistillError", "MissingCheckpointError", "check_checkpoint_file", "find_config_error",
+           "find_user_error", "read_checkpoint", "user_message"]
 
 
 class DistillError(Exception):
@@ -94,17 +94,49 @@ def user_message(err: BaseException) -> str:
     return str(err)
 
 
-def find_user_error(exc: BaseException) -> DistillError | None:
-    """The :class:`DistillError` that caused ``exc``, following ``__cause__`` and ``__context__`` (jsonargparse
-    and Lightning re-raise their own exceptions from ours), or ``None``."""
+_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep for name in ("distill", "models"))
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
     seen: set[int] = set()
+    out: list[BaseException] = []
     todo: list[BaseException | None] = [exc]
     while todo:
         cur = todo.pop(0)
         if cur is None or id(cur) in seen:
             continue
         seen.add(id(cur))
-        if isinstance(cur, DistillError):
-            return cur
+        out.append(cur)
         todo += [cur.__cause__, cur.__context__]
+    return out
+
+
+def find_config_error(exc: BaseException) -> tuple[str, ValueError] | None:
+    """A ``ValueError`` raised while one of distill's or the models' classes was being constructed (in its
+    ``__init__``, or a helper it called), in the chain of ``exc``, with that class's name: the check of an argument
+    that came from the config. ``None`` if there is none."""
+    for cur in _chain(exc):
+        if not isinstance(cur, ValueError) or isinstance(cur, DistillError):
+            continue
+        frames = []
+        tb = cur.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+        # the innermost frames, back to the first one outside distill and models (jsonargparse's instantiation)
+        ours = []
+        for frame in reversed(frames):
+            if not frame.f_code.co_filename.startswith(_PACKAGES):
+                break
+            ours.append(frame)
+        for frame in reversed(ours):  # the outermost constructor among them: the class the config names
+            obj = frame.f_locals.get("self")
+            if frame.f_code.co_name == "__init__" and obj is not None:
+                return type(obj).__name__, cur
     return None
+
+
+def find_user_error(exc: BaseException) -> DistillError | None:
+    """The :class:`DistillError` that caused ``exc``, following ``__cause__`` and ``__context__`` (jsonargparse
+    and Lightning re-raise their own exceptions from ours), or ``None``."""
+    return next((cur for cur in _chain(exc) if isinstance(cur, DistillError)), None)

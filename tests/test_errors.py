@@ -111,3 +111,36 @@ def test_traceback_on_request_and_for_bugs(files: dict[str, Path], tmp_path: Pat
         main(_fit(tmp_path, "--model.init_args.teacher", str(files["random"])))
     assert isinstance(find_user_error(raised.value), CheckpointError)
     assert issubclass(CheckpointError, DistillError) and issubclass(CheckpointError, ValueError)
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("num_components: 8", "num_components: 0", "GMMPrior: num_components must be an integer J >= 1, got 0"),
+    ("tau: 0.05", "tau: -1.0", "GMMPrior: tau must be a number >= 0"),
+])
+def test_cli_names_the_class_of_a_bad_config_value(old: str, new: str, message: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    text = (QUICKSTART / "student.yaml").read_text()
+    assert old in text
+    config = tmp_path / "bad.yaml"
+    config.write_text(text.replace(old, new))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"distill: error: {message}" in err and "Fix: change it in the config file" in err, err
+    assert "Traceback" not in err and "Namespace(" not in err
+
+
+def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distill import modules
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a bug, not a config value")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(modules.Classifier, "training_step", broken)
+    with pytest.raises(ValueError, match="a bug, not a config value"):
+        main(["fit", "-c", str(QUICKSTART / "teacher.yaml"), "--trainer.max_epochs", "1",
+              "--trainer.enable_progress_bar", "false"])
