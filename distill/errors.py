@@ -5,7 +5,9 @@ derives from :class:`DistillError` as well as from the built-in type it always h
 ``ValueError``, ...), so ``except ValueError`` keeps working. Its message names the problem and the fix. The
 ``distill`` command prints such an error as one line, without the traceback (which the user cannot act on, and which
 jsonargparse buries under its own report when the error comes from building a class of the config); set
-``DISTILL_TRACEBACK=1`` to see it anyway. Any other exception is a bug and keeps its traceback.
+``DISTILL_TRACEBACK=1`` to see it anyway. So is a ``ValueError`` raised while one of distill's classes checks the
+arguments the config gave it (:func:`find_config_error`: it names the class). Any other exception is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -64,8 +66,6 @@ def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> A
             f"cannot read {what} {str(path)!r}: {reason}. Fix: point at a checkpoint written by `distill fit` "
             f"(runs/<name>/checkpoints/last.ckpt), or write it again."
         ) from err
-
-
 
 
 def _looks_truncated_zip(path: Path) -> bool:
