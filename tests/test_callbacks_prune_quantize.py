@@ -102,6 +102,33 @@ def test_prune_quantize_uses_a_gmm_prior_codebook(trainer_kwargs: dict[str, Any]
     assert torch.isin(w, allowed).all()  # every stored weight is the zero or a (merged) component mean
 
 
+def test_prune_quantize_kmeans_codebooks_over_the_priors_zeros(trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:
+    gmm = CountingGMMPrior(num_components=4, quantize_on_end=False, log_histograms=False, pi_zero=0.5, init_std=0.05)
+    module = PlainDigits()
+    trainer = pl.Trainer(**{**trainer_kwargs, "max_epochs": 2, "limit_train_batches": 4},
+                         callbacks=[gmm, PruneQuantize(bits_fc=3, codebook="kmeans")])
+    expected_zero = {}
+
+    def record(*args: Any) -> None:  # what the prior's zero component owns when compression starts
+        expected_zero.update({n: m == 0 for n, m in gmm._kept_masks("test").items()})
+
+    trainer.callbacks.insert(1, pl.Callback())
+    trainer.callbacks[1].on_train_end = record  # type: ignore[method-assign]
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert gmm.calls == 0  # not the prior's codebook
+    header = read_header(tmp_path / "model.dstl")
+    assert header["meta"]["codebook_source"] == "GMMPrior zeros, kmeans" and header["meta"]["bits_fc"] == 3
+    decoded = load_compressed(tmp_path / "model.dstl")
+    for name in ("fc1.weight", "fc2.weight"):
+        w = decoded.get_parameter(name)
+        zero = expected_zero["model." + name]
+        assert 0 < int(zero.sum()) < w.numel(), name  # the prior pruned some, not all
+        assert torch.equal(w == 0, zero), name  # exactly the prior's zeros, no more, no fewer
+        assert torch.unique(w[w != 0]).numel() <= 2**3, name  # k-means: at most 8 shared values per layer
+    means = torch.cat([torch.zeros(1), gmm.mixture.means.detach().float()])
+    assert not torch.isin(decoded.fc1.weight, means).all()  # not the mixture's means
+
+
 def test_prune_quantize_without_test_data_skips_accuracy(trainer_kwargs: dict[str, Any], tmp_path: Path) -> None:
     from tests.conftest import random_loader
 
@@ -121,6 +148,7 @@ def test_prune_quantize_without_test_data_skips_accuracy(trainer_kwargs: dict[st
         ({"sparsity": 2.0}, r"sparsity must be in \[0, 1\]"),
         ({"finetune_epochs": -1}, "finetune_epochs must be >= 0"),
         ({"raw_dtype": "int8"}, "raw_dtype must be one of"),
+        ({"codebook": "huffman"}, "codebook must be one of"),
     ],
 )
 def test_prune_quantize_misconfiguration(kwargs: dict[str, Any], match: str) -> None:

@@ -680,6 +680,33 @@ class GMMPrior(Callback):
             self._params[name].mul_(mask)
 
     @torch.no_grad()
+    def _kept_masks(self, caller: str) -> dict[str, torch.Tensor]:
+        """Per compressed parameter, 1 where the merged mixture's zero component does not own the weight (as
+        :meth:`quantize` assigns them), else 0."""
+        if not self._params:
+            raise RuntimeError(f"GMMPrior.{caller}: call it during or after fit (no compressed parameters yet)")
+        m, s, pi = self._merged_mixture()
+        masks: dict[str, torch.Tensor] = {}
+        for name, p in self._params.items():
+            _, idx = quantize_weights(p.detach(), m.to(p.device), s.to(p.device), pi.to(p.device))
+            masks[name] = (idx != 0).view(p.shape).to(p.dtype)
+        return masks
+
+    @torch.no_grad()
+    def zero_members(self) -> dict[str, float]:
+        """Set the weights the merged zero component owns to exactly 0, as :meth:`quantize` would, and leave every
+        other weight as it is (no masks kept, nothing recorded): the prior's pruning without its codebook, for
+        k-means sharing of the rest (``PruneQuantize(codebook="kmeans")``).
+
+        Returns:
+            the non-zero fraction per compressed parameter.
+        """
+        masks = self._kept_masks("zero_members")
+        for name, mask in masks.items():
+            self._params[name].mul_(mask)
+        return {n: float(mk.double().mean()) for n, mk in masks.items()}
+
+    @torch.no_grad()
     def prune_zero_component(self, trainer: pl.Trainer | None = None) -> dict[str, Any]:
         """Set the weights the zero component owns (in the merged mixture, as :meth:`quantize` assigns them) to
         exactly 0 and hold them there for the rest of training; zero their optimizer state too.
@@ -687,13 +714,7 @@ class GMMPrior(Callback):
         Returns:
             the record kept in ``gmm_history.json`` (``"pruned"``): epoch, step and the non-zero fraction per layer.
         """
-        if not self._params:
-            raise RuntimeError("GMMPrior.prune_zero_component: call it during fit (no compressed parameters yet)")
-        m, s, pi = self._merged_mixture()
-        masks: dict[str, torch.Tensor] = {}
-        for name, p in self._params.items():
-            _, idx = quantize_weights(p.detach(), m.to(p.device), s.to(p.device), pi.to(p.device))
-            masks[name] = (idx != 0).view(p.shape).to(p.dtype)
+        masks = self._kept_masks("prune_zero_component")
         self.masks = masks
         self._apply_masks()
         if trainer is not None:

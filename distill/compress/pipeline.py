@@ -114,6 +114,7 @@ def deep_compress(
     sparsity: float | None = None,
     already_shared: bool = False,
     share: Callable[[], object] | None = None,
+    prune: Callable[[], object] | None = None,
     finetune_loader: Iterable[Any] | None = None,
     finetune_epochs: int = 0,
     finetune_lr: float = 1e-4,
@@ -138,6 +139,8 @@ def deep_compress(
             as the codebooks instead of k-means.
         share: called after the ``before`` accuracy is measured, to quantize the weights in place (e.g.
             ``GMMPrior.quantize``); implies ``already_shared``.
+        prune: called after the ``before`` accuracy is measured, to set pruned weights to exactly 0 in place (e.g.
+            ``GMMPrior.zero_members``), before the k-means sharing of the others (which keeps those zeros).
         finetune_loader: training batches for centroid fine-tuning (with ``finetune_epochs > 0``).
         finetune_epochs: epochs of trained quantization.
         finetune_lr: SGD learning rate of the centroids.
@@ -170,6 +173,10 @@ def deep_compress(
         return evaluate_accuracy(model, test_loader, device, batch_transform)
 
     before = test_accuracy(net)
+    if share is not None and prune is not None:
+        raise ValueError("give share (the weights quantized by a callable) or prune (zeros, then k-means), not both")
+    if prune is not None:
+        prune()
     if share is not None:
         share()
         already_shared = True
