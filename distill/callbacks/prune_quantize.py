@@ -87,9 +87,10 @@ class PruneQuantize(Callback):
         codebook: with a ``GMMPrior``: ``"gmm"`` (default, Ullrich et al.) sets every weight to its merged component's
             mean, one codebook for all layers; ``"kmeans"`` takes only the prior's zeros (the merged zero component's
             members set to 0) and shares the other weights by k-means per layer with ``bits_conv`` / ``bits_fc``
-            bits (Han et al.), then the trained quantization. On LeNet5Caffe (``configs/mnist/lenet5_caffe_sws.yaml``
-            re-quantized from one checkpoint, BENCHMARKS.md) the prior's 12 means cost 0.16 points of test accuracy,
-            4-bit k-means 0.12 points in a 2% larger file, 5-bit 0.03 points in a 12% larger one.
+            bits (Han et al.), then the trained quantization. On LeNet5Caffe (``configs/mnist/lenet5_caffe_sws.yaml``,
+            three seeds re-quantized from their checkpoints, BENCHMARKS.md) the prior's dozen means cost 0.08-0.19
+            points of test accuracy, 4-bit k-means 0.06-0.12 in a 2.5-4% larger file, 5-bit nothing in a 13-15%
+            larger one.
         evaluate: measure test accuracy (needs ``trainer.datamodule.test_dataloader()``).
         clear_dead_units: zero the weights and biases of hidden units left without inputs or outputs (exact; see
             :func:`distill.compress.structure.remove_dead_units`).
