@@ -116,6 +116,7 @@ def test_prune_quantize_kmeans_codebooks_over_the_priors_zeros(trainer_kwargs: d
     trainer.callbacks[1].on_train_end = record  # type: ignore[method-assign]
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
     assert gmm.calls == 0  # not the prior's codebook
+    assert gmm.masks == {} and gmm.pruned is None  # zero_members() holds no masks and records no prune
     header = read_header(tmp_path / "model.dstl")
     assert header["meta"]["codebook_source"] == "GMMPrior zeros, kmeans" and header["meta"]["bits_fc"] == 3
     decoded = load_compressed(tmp_path / "model.dstl")
