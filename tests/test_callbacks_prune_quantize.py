@@ -117,6 +117,8 @@ def test_prune_quantize_kmeans_codebooks_over_the_priors_zeros(trainer_kwargs: d
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
     assert gmm.calls == 0  # not the prior's codebook
     assert gmm.masks == {} and gmm.pruned is None  # zero_members() holds no masks and records no prune
+    merged = json.loads((tmp_path / "gmm_history.json").read_text())["merged"]
+    assert merged["means"][0] == 0.0 and abs(sum(merged["pis"]) - 1.0) < 1e-6  # the mixture that chose the zeros
     header = read_header(tmp_path / "model.dstl")
     assert header["meta"]["codebook_source"] == "GMMPrior zeros, kmeans" and header["meta"]["bits_fc"] == 3
     decoded = load_compressed(tmp_path / "model.dstl")

@@ -704,6 +704,9 @@ class GMMPrior(Callback):
         masks = self._kept_masks("zero_members")
         for name, mask in masks.items():
             self._params[name].mul_(mask)
+        m, s, pi = self._merged_mixture()  # recorded in gmm_history.json ("merged"), as quantize() records it
+        self.merged = {"means": m.tolist(), "stds": s.tolist(), "pis": pi.tolist()}
+        self._write_history(None)
         return {n: float(mk.double().mean()) for n, mk in masks.items()}
 
     @torch.no_grad()
