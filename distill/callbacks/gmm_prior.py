@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ from distill.module_utils import piecewise_schedule, schedule_at, should_log_ste
 from distill.priors import (
     GaussianMixturePrior,
     MixtureTable,
-    assign_components,
     merge_components,
     mixture_log_prob,
     mixture_nll_grad,
@@ -604,27 +603,28 @@ class GMMPrior(Callback):
             flat = [p.detach().reshape(-1).float().cpu() for p in self._params.values()]
         return torch.cat(flat).numpy() if flat else np.zeros(0, np.float32)
 
-    def _significant(self) -> int:
-        """Components (after merging) that are the most responsible for at least one weight."""
-        return self._assignment()[0]
+    @torch.no_grad()
+    def _component_indices(self, merged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                           ) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+        """Per compressed parameter, the index of each weight's merged component, exactly as :meth:`quantize` assigns
+        it (0: the zero component). ``merged``: :meth:`_merged_mixture`'s result, if already at hand."""
+        m, s, pi = merged if merged is not None else self._merged_mixture()
+        for name, p in self._params.items():
+            _, idx = quantize_weights(p.detach(), m.to(p.device), s.to(p.device), pi.to(p.device))
+            yield name, p, idx
 
     def _assignment(self) -> tuple[int, float, dict[str, float]]:
-        """One assignment of every compressed weight to its most responsible merged component, as :meth:`quantize`
-        makes it: the number of components used, and the fraction of weights not owned by the zero component (what
-        would stay non-zero if quantized now), overall and per parameter."""
-        m, s, pi = self._merged_mixture()
-        used = torch.zeros(m.numel(), dtype=torch.bool)
+        """The merged components :meth:`quantize` would use now: how many own at least one weight, and the fraction
+        of weights the zero component does not own (what would stay non-zero), overall and per parameter."""
+        merged = self._merged_mixture()
+        used = torch.zeros(merged[0].numel(), dtype=torch.bool)
         nonzero: dict[str, float] = {}
         kept = 0
-        with torch.no_grad():
-            lp, lpi = -2.0 * s.log(), pi.clamp_min(1e-300).log()
-            for name, p in self._params.items():
-                w = p.detach().reshape(-1).double()
-                idx = assign_components(w, m.to(w.device), lp.to(w.device), lpi.to(w.device))
-                used[idx.unique().cpu()] = True
-                n = int((idx != 0).sum())
-                kept += n
-                nonzero[name] = n / max(w.numel(), 1)
+        for name, p, idx in self._component_indices(merged):
+            used[idx.unique().cpu()] = True
+            n = int((idx != 0).sum())
+            kept += n
+            nonzero[name] = n / max(p.numel(), 1)
         return int(used.sum()), kept / max(self.num_weights, 1), nonzero
 
     def _exact_prior_loss(self, scale: float) -> float:
@@ -679,18 +679,13 @@ class GMMPrior(Callback):
         for name, mask in self.masks.items():
             self._params[name].mul_(mask)
 
-    @torch.no_grad()
-    def _kept_masks(self, caller: str) -> dict[str, torch.Tensor]:
+    def _kept_masks(self, caller: str, merged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
         """Per compressed parameter, 1 where the merged mixture's zero component does not own the weight (as
         :meth:`quantize` assigns them), else 0."""
         if not self._params:
             raise RuntimeError(f"GMMPrior.{caller}: call it during or after fit (no compressed parameters yet)")
-        m, s, pi = self._merged_mixture()
-        masks: dict[str, torch.Tensor] = {}
-        for name, p in self._params.items():
-            _, idx = quantize_weights(p.detach(), m.to(p.device), s.to(p.device), pi.to(p.device))
-            masks[name] = (idx != 0).view(p.shape).to(p.dtype)
-        return masks
+        return {name: (idx != 0).view(p.shape).to(p.dtype) for name, p, idx in self._component_indices(merged)}
 
     @torch.no_grad()
     def zero_members(self) -> dict[str, float]:
@@ -701,10 +696,11 @@ class GMMPrior(Callback):
         Returns:
             the non-zero fraction per compressed parameter.
         """
-        masks = self._kept_masks("zero_members")
+        m, s, pi = merged = self._merged_mixture()
+        masks = self._kept_masks("zero_members", merged)
         for name, mask in masks.items():
             self._params[name].mul_(mask)
-        m, s, pi = self._merged_mixture()  # recorded in gmm_history.json ("merged"), as quantize() records it
+        # recorded in gmm_history.json ("merged"), as quantize() records it
         self.merged = {"means": m.tolist(), "stds": s.tolist(), "pis": pi.tolist()}
         self._write_history(None)
         return {n: float(mk.double().mean()) for n, mk in masks.items()}
