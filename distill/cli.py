@@ -101,16 +101,10 @@ class DistillCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
+        # on Lightning < 2.5 (no _parse_ckpt_path) this is the first place that sees --ckpt_path; later, a repeat
         self._check_ckpt_path()
 
-    def before_validate(self) -> None:
-        self._check_ckpt_path()
-
-    def before_test(self) -> None:
-        self._check_ckpt_path()
-
-    def before_predict(self) -> None:
-        self._check_ckpt_path()
+    before_validate = before_test = before_predict = before_fit
 
     def after_fit(self) -> None:
         trainer = self.trainer

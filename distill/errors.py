@@ -53,24 +53,31 @@ def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> A
     except Exception as err:  # noqa: BLE001 - any unreadable file: say which and why, in the user's terms
         if isinstance(err, MemoryError):
             raise
-        if not zipfile.is_zipfile(p):
-            reason = ("the file is truncated (a PyTorch zip archive without its end)" if _looks_truncated_zip(p)
-                      else "not a PyTorch checkpoint (torch.save writes a zip archive)")
-        elif "Weights only load failed" in str(err):
-            reason = ("it holds Python objects other than tensors and plain containers, which distill does not "
-                      "unpickle (that would run code from the file)")
-        else:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            reason = f"not a PyTorch checkpoint, or corrupted ({type(err).__name__}: {first[:200]})"
-        raise CheckpointError(
-            f"cannot read {what} {str(path)!r}: {reason}. Fix: point at a checkpoint written by `distill fit` "
-            f"(runs/<name>/checkpoints/last.ckpt), or write it again."
-        ) from err
+        raise _unreadable(what, path, _not_a_zip(p) or _load_failure(err)) from err
 
 
-def _looks_truncated_zip(path: Path) -> bool:
+def _unreadable(what: str, path: str | os.PathLike[str], reason: str) -> CheckpointError:
+    return CheckpointError(f"cannot read {what} {str(path)!r}: {reason}. Fix: point at a checkpoint written by "
+                           "`distill fit` (runs/<name>/checkpoints/last.ckpt), or write it again.")
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load`` failed on a complete zip archive, in the user's terms."""
+    if "Weights only load failed" in str(err):
+        return ("it holds Python objects other than tensors and plain containers, which distill does not unpickle "
+                "(that would run code from the file)")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"not a PyTorch checkpoint, or corrupted ({type(err).__name__}: {first[:200]})"
+
+
+def _not_a_zip(path: Path) -> str | None:
+    """Why ``path`` is not a complete zip archive (the format ``torch.save`` writes), or ``None`` if it is one."""
+    if zipfile.is_zipfile(path):
+        return None
     with path.open("rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        truncated = f.read(4) == b"PK\x03\x04"  # a zip's first local header, but no end-of-archive record
+    return ("the file is truncated (a PyTorch zip archive without its end)" if truncated
+            else "not a PyTorch checkpoint (torch.save writes a zip archive)")
 
 
 def check_checkpoint_file(path: str | os.PathLike[str], what: str = "checkpoint") -> None:
@@ -80,11 +87,9 @@ def check_checkpoint_file(path: str | os.PathLike[str], what: str = "checkpoint"
     if not p.is_file():
         raise MissingCheckpointError(f"{what} {str(path)!r} does not exist (or is not a file). Fix: give the path of a "
                                       "checkpoint written by `distill fit`, e.g. runs/<name>/checkpoints/last.ckpt")
-    if not zipfile.is_zipfile(p):
-        reason = ("the file is truncated (a PyTorch zip archive without its end)" if _looks_truncated_zip(p)
-                  else "not a PyTorch checkpoint (torch.save writes a zip archive)")
-        raise CheckpointError(f"cannot read {what} {str(path)!r}: {reason}. Fix: point at a checkpoint written by "
-                              "`distill fit` (runs/<name>/checkpoints/last.ckpt), or write it again.")
+    reason = _not_a_zip(p)
+    if reason is not None:
+        raise _unreadable(what, path, reason)
 
 
 def user_message(err: BaseException) -> str:

@@ -13,13 +13,13 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from typing_extensions import override
 
-from distill.errors import CheckpointError, DistillError, MissingCheckpointError, read_checkpoint
+from distill.errors import CheckpointError, DistillError, read_checkpoint
+
+__all__ = ["CheckpointKeysError", "LoadWeights", "load_weights_from_checkpoint"]
 
 
 class CheckpointKeysError(DistillError, KeyError):
     """The checkpoint's keys do not match the module's (both lists in the message)."""
-
-__all__ = ["LoadWeights", "load_weights_from_checkpoint"]
 
 
 def load_weights_from_checkpoint(
@@ -46,12 +46,10 @@ def load_weights_from_checkpoint(
         CheckpointKeysError: on missing or unexpected keys (listed); a ``KeyError``.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise MissingCheckpointError(f"LoadWeights: checkpoint {str(path)!r} does not exist")
-    blob = read_checkpoint(path, "LoadWeights: checkpoint")
+    blob = read_checkpoint(path, "LoadWeights: checkpoint")  # missing: "... does not exist", a FileNotFoundError
     source = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(source, dict):
-        raise ValueError(f"LoadWeights: {str(path)!r} holds no state_dict")
+        raise CheckpointError(f"LoadWeights: {str(path)!r} holds no state_dict")
     renamed = {target_prefix + k[len(source_prefix) :]: v for k, v in source.items() if k.startswith(source_prefix)}
     target = {k: v for k, v in module.state_dict().items() if k.startswith(target_prefix)}
     missing = sorted(set(target) - set(renamed))

@@ -15,13 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from distill.arch import ArchitectureError, build_module
-from distill.compress.fileformat import CompressedFileError, load_compressed, read_header
+from distill.compress.fileformat import load_compressed, read_header
 from distill.compress.pipeline import deep_compress, evaluate_accuracy
-from distill.errors import DistillError
+from distill.errors import DistillError, read_checkpoint, user_message
 
 __all__ = ["compress_main", "evaluate_main", "find_checkpoint", "network_from_checkpoint"]
 
@@ -62,12 +61,10 @@ def network_from_checkpoint(path: str | Path) -> tuple[nn.Module, str]:
         ``(network, prefix)``.
 
     Raises:
+        CheckpointError: if the file is not a readable checkpoint.
         CLIError: if the checkpoint holds no rebuildable network.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file: say which and why
-        raise CLIError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    ckpt = read_checkpoint(path)  # an unreadable file: a CheckpointError saying which and why
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         raise CLIError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     hparams = ckpt.get("hyper_parameters") or {}
@@ -111,8 +108,8 @@ def _test_batches(args: argparse.Namespace) -> tuple[Any, Any]:
 def _run(fn: Any, argv: list[str]) -> int:
     try:
         return int(fn(argv) or 0)
-    except (CLIError, CompressedFileError, FileNotFoundError, ArchitectureError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (DistillError, FileNotFoundError) as err:  # CLIError, CompressedFileError, CheckpointError, ...
+        print(f"error: {user_message(err)}", file=sys.stderr)
         return 2
 
 
