@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.compress import load_compressed_state_dict, read_header, remove_dead_units, save_compressed
-from distill.compress.structure import linear_relu_chains
+from distill.compress.structure import linear_relu_chains, unit_chains
 from models import MLP, LeNet5Caffe, LeNet300100
 
 
@@ -48,6 +48,66 @@ def test_clean_up_keeps_the_function_and_zeroes_dead_units() -> None:
     assert result.unused >= 3 and result.constant >= 3 and result.traced
     again = remove_dead_units(net)  # idempotent
     assert again.unused == again.constant == again.weights_zeroed == 0
+
+
+def test_convolution_chains_are_found() -> None:
+    chains = {(c.producer, c.consumer): c for c in unit_chains(LeNet5Caffe()) or []}
+    assert list(chains) == [("conv1", "conv2"), ("conv2", "fc1"), ("fc1", "fc2")]
+    assert all(c.exact_constant and c.relu for c in chains.values())
+
+    class Padded(nn.Module):  # conv -> BN -> ReLU -> padded conv: channels can be cleared, constants not folded
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(F.relu(self.bn(self.a(x))))
+
+    (chain,) = unit_chains(Padded()) or []
+    assert (chain.producer, chain.consumer, chain.exact_constant) == ("a", "b", False)
+
+
+def _pruned_lenet5() -> LeNet5Caffe:
+    torch.manual_seed(0)
+    net = LeNet5Caffe()
+    with torch.no_grad():
+        for m in (net.conv1, net.conv2, net.fc1):
+            m.bias.uniform_(-0.5, 0.5)
+        net.conv1.bias[3] = 0.4
+        net.conv1.weight[3] = 0  # conv1 channel 3: constant relu(0.4), folded into conv2's bias
+        net.conv2.weight[:, 7] = 0  # conv1 channel 7: read by no conv2 filter
+        net.fc1.weight.view(500, 50, 16)[:, 11] = 0  # conv2 channel 11: read by nothing in fc1
+        net.conv2.weight[20] = 0  # conv2 channel 20: constant, folded into fc1's bias
+        net.conv2.bias[20] = 0.3
+    return net
+
+
+def test_convolution_clean_up_keeps_the_function() -> None:
+    net = _pruned_lenet5().eval()
+    x = torch.randn(32, 1, 28, 28)
+    before = net(x)
+    result = remove_dead_units(net)
+    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+    assert (net.conv1.weight[7] == 0).all() and net.conv1.bias[7] == 0  # unread channel cleared
+    assert (net.conv2.weight[11] == 0).all() and net.conv2.bias[11] == 0
+    assert (net.conv2.weight[:, 3] == 0).all() and net.conv1.bias[3] == 0  # constant channel folded
+    assert (net.fc1.weight.view(500, 50, 16)[:, 20] == 0).all() and net.conv2.bias[20] == 0
+    assert result.unused == 2 and result.constant == 2
+    # conv1[7]; conv2's filter 11 (19 live inputs) and input 3 (49 live filters), sharing [11, 3]; fc1's block of 20
+    assert result.weights_zeroed == 25 + (19 * 25 + 49 * 25 - 25) + 500 * 16
+    again = remove_dead_units(net)
+    assert again.unused == again.constant == again.weights_zeroed == 0
+
+
+def test_padded_consumer_keeps_constant_channels() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1)).eval()
+    with torch.no_grad():
+        net[0].weight[1] = 0
+        net[0].bias[1] = 0.5  # constant 0.5 inside, but the padded border of conv2 would read 0 there
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    result = remove_dead_units(net)
+    assert result.constant == 0 and result.unused == 0
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
 
 
 def test_untraceable_network_is_left_alone() -> None:

@@ -92,8 +92,8 @@ class PruneQuantize(Callback):
             points of test accuracy, 4-bit k-means 0.06-0.12 in a 2.5-4% larger file, 5-bit nothing in a 13-15%
             larger one.
         evaluate: measure test accuracy (needs ``trainer.datamodule.test_dataloader()``).
-        clear_dead_units: zero the weights and biases of hidden units left without inputs or outputs (exact; see
-            :func:`distill.compress.structure.remove_dead_units`).
+        clear_dead_units: zero the weights and biases of hidden units and channels left without inputs or outputs
+            (exact; see :func:`distill.compress.structure.remove_dead_units`).
         raw_dtype: ``"float16"`` stores the tensors that are not weight-shared (biases, batch norm) rounded to float16
             (half the bytes; the reported accuracies include the rounding); ``"float32"`` keeps them exact.
 

@@ -152,9 +152,9 @@ def deep_compress(
         raw_dtype: ``"float16"`` rounds the tensors that are not weight-shared (biases, batch-norm parameters and
             statistics) to float16 after fine-tuning, so the file stores them in half the bytes; the ``quantized``
             and ``decoded`` accuracies include the rounding. ``"float32"`` (default) keeps them exact.
-        clear_dead_units: after sharing, zero the weights and biases of hidden units that pruning left without
-            inputs or outputs in ``Linear -> ReLU -> Linear`` chains (:func:`distill.compress.structure.
-            remove_dead_units`; the network's function is unchanged, the file gets smaller).
+        clear_dead_units: after sharing, zero the weights and biases of hidden units and convolution channels that
+            pruning left without inputs or outputs (:func:`distill.compress.structure.remove_dead_units`; the
+            network's function is unchanged, the file gets smaller).
 
     Returns:
         ``{"accuracy": {"before", "quantized", "decoded"}, "report": ..., "paths": {...}}``.
