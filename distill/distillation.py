@@ -28,7 +28,6 @@ Usage in Python::
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +42,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from distill.arch import arch_spec, build_module
-from distill.errors import CheckpointError, DistillError, read_checkpoint
+from distill.errors import CheckpointError, DistillError, producer_hint, read_checkpoint
 from distill.hooks import FeatureCapture, get_module
 from distill.io import atomic_path
 from distill.losses import feature_mse, kd_kl, softmax_mse, weighted_distillation
@@ -78,7 +77,6 @@ torchdistill / RepDistiller default for KD) and keeps the softmax-MSE gradients 
 _LOGIT_LOSSES = {"mse": softmax_mse, "kd": kd_kl}
 _MODES = ("end_to_end", "layerwise")
 _SCHEDULES = ("independent", "joint", "progressive")
-_REPO = Path(__file__).resolve().parents[1]
 
 
 class TeacherNotFoundError(DistillError, FileNotFoundError):
@@ -96,25 +94,9 @@ class LayerMappingError(DistillError, ValueError):
 
 def _producer_hint(path: Path) -> str:
     """The ``distill fit -c CONFIG`` that writes ``path``, found by the configs' ``checkpoint.dirpath``."""
-    parent = path.parent
-    try:
-        parent_rel = parent.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        parent_rel = parent.as_posix()
-    pattern = re.compile(rf"^\s*dirpath:\s*['\"]?(\./)?{re.escape(parent_rel)}/?['\"]?\s*$", re.MULTILINE)
-    for root in dict.fromkeys([Path.cwd() / "configs", _REPO / "configs"]):
-        if not root.is_dir():
-            continue
-        for cfg in sorted(root.rglob("*.yaml")):
-            try:
-                if pattern.search(cfg.read_text()):
-                    shown = os.path.relpath(cfg, Path.cwd())
-                    return f"It is produced by: distill fit -c {shown}"
-            except OSError:
-                continue
-    return (
-        f"Train a teacher first with `distill fit -c <teacher config>` whose checkpoint.dirpath is {parent_rel}, "
-        f"or point --model.init_args.teacher at an existing checkpoint."
+    return producer_hint(path) or (
+        f"Train a teacher first with `distill fit -c <teacher config>` whose checkpoint.dirpath is "
+        f"{path.parent.as_posix()}, or point --model.init_args.teacher at an existing checkpoint."
     )
 
 

@@ -13,6 +13,7 @@ its traceback.
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "DistillError", "MissingCheckpointError", "check_checkpoint_file", "find_config_error",
-           "find_user_error", "read_checkpoint", "user_message"]
+           "find_user_error", "producer_hint", "read_checkpoint", "user_message"]
+
+_REPO = Path(__file__).resolve().parents[1]
 
 
 class DistillError(Exception):
@@ -35,6 +38,27 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
     """A checkpoint path that is not a file."""
 
 
+def producer_hint(path: str | os.PathLike[str]) -> str | None:
+    """``"It is produced by: distill fit -c CONFIG"`` for the config (in ``./configs`` or distill's own) whose
+    ``checkpoint.dirpath`` is the folder of ``path``; None if no config writes there."""
+    parent = Path(path).parent
+    try:
+        parent_rel = parent.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        parent_rel = parent.as_posix()
+    pattern = re.compile(rf"^\s*dirpath:\s*['\"]?(\./)?{re.escape(parent_rel)}/?['\"]?\s*$", re.MULTILINE)
+    for root in dict.fromkeys([Path.cwd() / "configs", _REPO / "configs"]):
+        if not root.is_dir():
+            continue
+        for cfg in sorted(root.rglob("*.yaml")):
+            try:
+                if pattern.search(cfg.read_text()):
+                    return f"It is produced by: distill fit -c {os.path.relpath(cfg, Path.cwd())}"
+            except OSError:
+                continue
+    return None
+
+
 def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with an error a user can act on.
 
@@ -47,7 +71,8 @@ def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> A
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise MissingCheckpointError(f"{what} {str(path)!r} does not exist (or is not a file)")
+        hint = producer_hint(p) or "Fix: point at an existing checkpoint, or run the training that writes it first."
+        raise MissingCheckpointError(f"{what} {str(path)!r} does not exist (or is not a file). {hint}")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file: say which and why, in the user's terms

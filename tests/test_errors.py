@@ -49,6 +49,15 @@ def test_read_checkpoint_names_the_problem(files: dict[str, Path]) -> None:
     assert "weights_only` set to `False`" not in str(objects.value)  # never torch's advice to unpickle
 
 
+def test_a_missing_checkpoint_names_the_config_that_writes_it(files: dict[str, Path]) -> None:
+    # the second stage of soft weight-sharing reads the first stage's last.ckpt (run from another folder here)
+    produced = r"It is produced by: distill fit -c .*configs/mnist/lenet5_caffe_sws\.yaml$"
+    with pytest.raises(MissingCheckpointError, match=produced):
+        read_checkpoint("runs/lenet5_caffe_sws/checkpoints/last.ckpt", "LoadWeights: checkpoint")
+    with pytest.raises(MissingCheckpointError, match="Fix: point at an existing checkpoint"):
+        read_checkpoint(files["missing"])  # no config writes there
+
+
 def test_find_user_error_follows_the_chain() -> None:
     inner = CheckpointError("bad file")
     try:
