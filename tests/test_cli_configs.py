@@ -7,6 +7,7 @@ checkpoint from ``runs/<name>_teacher/checkpoints/last.ckpt`` find one.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,17 @@ def _fast_args(config: Path) -> list[str]:
     return args
 
 
+def _checkpoint_dir(config: Path) -> str | None:
+    found = re.search(r"^checkpoint:\s*\n\s+dirpath:\s*(\S+)", config.read_text(), re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def _earlier_stages(config: Path) -> list[Path]:
+    """The (non-teacher) configs whose ``last.ckpt`` this config reads, e.g. a LoadWeights of an earlier run."""
+    read = set(re.findall(r"(runs/[\w.-]+/checkpoints)/last\.ckpt", config.read_text()))
+    return [c for c in OTHERS if c != config and _checkpoint_dir(c) in read]
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A working directory holding teacher checkpoints trained for two steps by each teacher config."""
@@ -111,6 +123,9 @@ def test_teacher_configs_fit_and_checkpoint(workdir: Path) -> None:
 @pytest.mark.parametrize("config", OTHERS, ids=[str(c.relative_to(REPO / "configs")) for c in OTHERS])
 def test_config_fits_two_steps(config: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(workdir)
+    for stage in _earlier_stages(config):  # a second stage reads the first one's last.ckpt: make one
+        if not (workdir / _checkpoint_dir(stage) / "last.ckpt").is_file():
+            DistillCLI(args=_fast_args(stage))
     cli = DistillCLI(args=_fast_args(config))
     assert cli.trainer.global_step >= 1
 
