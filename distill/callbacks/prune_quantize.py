@@ -85,7 +85,8 @@ class PruneQuantize(Callback):
             else the LightningModule itself.
         use_gmm_prior: use a ``GMMPrior`` callback's quantization when one is present.
         codebook: with a ``GMMPrior``: ``"gmm"`` (default, Ullrich et al.) sets every weight to its merged component's
-            mean, one codebook for all layers; ``"kmeans"`` takes only the prior's zeros (the merged zero component's
+            mean, one codebook for all layers (the trained quantization then tunes each layer's copy of its non-zero
+            values, at most J+1 values a layer); ``"kmeans"`` takes only the prior's zeros (the merged zero component's
             members set to 0) and shares the other weights by k-means per layer with ``bits_conv`` / ``bits_fc``
             bits (Han et al.), then the trained quantization. On LeNet5Caffe (``configs/mnist/lenet5_caffe_sws.yaml``,
             three seeds re-quantized from their checkpoints, BENCHMARKS.md) the prior's dozen means cost 0.08-0.19
