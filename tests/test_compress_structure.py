@@ -99,6 +99,23 @@ def test_convolution_clean_up_keeps_the_function() -> None:
     assert again.unused == again.constant == again.weights_zeroed == 0
 
 
+def test_unread_channels_are_cleared_through_batch_norm() -> None:
+    """VGG's conv -> BN -> ReLU -> padded conv: a channel the next conv no longer reads loses its filter and bias."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+    net.eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+        net[3].weight[:, 2] = 0  # channel 2 is read by nothing
+    x = torch.randn(5, 3, 8, 8)
+    before = net(x)
+    result = remove_dead_units(net)
+    torch.testing.assert_close(net(x), before)
+    assert (net[0].weight[2] == 0).all() and net[0].bias[2] == 0
+    assert result.unused == 1 and result.constant == 0 and result.weights_zeroed == 27
+
+
 def test_padded_consumer_keeps_constant_channels() -> None:
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1)).eval()
     with torch.no_grad():

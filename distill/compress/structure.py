@@ -15,7 +15,7 @@ batch norm, dropout, flattening; found by :func:`unit_chains`):
 
 Both rewrites leave the network's function unchanged (the second up to float rounding of the folded bias), so the
 compressed file stores fewer non-zero weights and biases. On soft weight-sharing's LeNet-5-Caffe networks the first
-rule clears the filters of 17-23 of conv2's 50 channels that fc1 no longer reads (74-141 weights, BENCHMARKS.md).
+rule clears the filters of 17-32 of conv2's 50 channels that fc1 no longer reads (74-170 weights, BENCHMARKS.md).
 
 The chains are found by tracing the network with ``torch.fx`` (part of torch): no model-specific code, and a layer
 whose output is read twice (a residual connection) or passes through anything else is left alone, as is a network
