@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["DeadUnits", "UnitChain", "linear_relu_chains", "remove_dead_units", "unit_chains"]
+__all__ = ["DeadUnits", "UnitChain", "remove_dead_units", "unit_chains"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYER = (nn.Linear, *_CONV)
@@ -108,35 +108,6 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target == "relu"
 
 
-def _trace(net: nn.Module) -> fx.Graph | None:
-    try:
-        return fx.symbolic_trace(net).graph
-    except Exception:  # noqa: BLE001 - any tracing failure (data-dependent control flow, ...): no clean-up
-        return None
-
-
-def linear_relu_chains(net: nn.Module) -> list[tuple[str, str]] | None:
-    """``(A, B)`` module paths where ``B(relu(A(x)))`` and ``A``'s output feeds nothing else; None if untraceable."""
-    graph = _trace(net)
-    if graph is None:
-        return None
-    modules = dict(net.named_modules())
-    chains = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), nn.Linear):
-            continue
-        users = list(node.users)
-        if len(users) != 1 or not _is_relu(users[0], modules) or users[0].args[0] is not node:
-            continue
-        after = list(users[0].users)
-        if len(after) != 1 or after[0].op != "call_module" or after[0].args[0] is not users[0]:
-            continue
-        if not isinstance(modules.get(str(after[0].target)), nn.Linear):
-            continue
-        chains.append((str(node.target), str(after[0].target)))
-    return chains
-
-
 def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """``flatten(x, 1)`` in any spelling: channel-major columns, so unit ``c`` owns a contiguous block of them."""
     if node.op == "call_module":
@@ -178,8 +149,9 @@ def unit_chains(net: nn.Module) -> list[UnitChain] | None:
     """Every dense or convolution layer ``A`` whose output reaches exactly one dense or convolution layer ``B``
     through channel-wise operations (and at most one ``flatten(1)``), with ``B`` reading each of ``A``'s units in
     its own block of input weights; None if the network cannot be traced."""
-    graph = _trace(net)
-    if graph is None:
+    try:
+        graph = fx.symbolic_trace(net).graph
+    except Exception:  # noqa: BLE001 - any tracing failure (data-dependent control flow, ...): no clean-up
         return None
     modules = dict(net.named_modules())
     chains: list[UnitChain] = []
