@@ -69,8 +69,9 @@ class Classifier(FastSetattrMixin, pl.LightningModule):
         x, y = batch
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
-        self.train_correct += (logits.detach().argmax(-1) == y).sum()
-        self.train_seen += y.numel()
+        # in place: `+=` on a buffer re-assigns it through nn.Module.__setattr__ each step
+        self.train_correct.add_((logits.detach().argmax(-1) == y).sum())
+        self.train_seen.add_(y.numel())
         if should_log_step(self):
             self.log("train/loss", loss, prog_bar=True, on_epoch=False)
         return loss
