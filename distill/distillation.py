@@ -143,12 +143,11 @@ def load_student(path: str | os.PathLike[str]) -> nn.Module:
     """The student of a ``Distiller`` checkpoint, as a plain ``nn.Module``: the teacher is neither needed nor read.
 
     Raises:
-        TeacherNotFoundError: if ``path`` does not exist.
+        MissingCheckpointError: (a ``FileNotFoundError``) if ``path`` does not exist; the message names the config
+            that writes it, when one of ``configs/`` does.
         CheckpointError: (a ``ValueError``) if the file is not a readable Distiller checkpoint.
     """
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise TeacherNotFoundError(f"Distiller checkpoint {str(path)!r} does not exist")
     ckpt = read_checkpoint(p, "Distiller checkpoint")
     spec = (ckpt.get("hyper_parameters") or {}).get("student") if isinstance(ckpt, Mapping) else None
     if not (isinstance(spec, Mapping) and isinstance(spec.get("class_path"), str)):
@@ -240,7 +239,9 @@ class Distiller(FastSetattrMixin, pl.LightningModule):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module | str,
+        # Path in the union: jsonargparse then takes a string as given; otherwise, for an argument that may be a class,
+        # it reads the file a string names and, for a text file, passes its contents on as the "path"
+        teacher: nn.Module | str | Path,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         loss: Literal["mse", "kd"] = "mse",

@@ -21,11 +21,12 @@ from distill.distillation import (
     load_student,
     make_adapter,
 )
+from distill.errors import CheckpointError, MissingCheckpointError
 from distill.hooks import ModulePathError, has_hooks
 from distill.losses import softmax_mse
 from distill.modules import Classifier, Distiller
 from models.lenet import MLP, LeNet5Caffe, LeNet300100, SmallConvNet
-from tests.conftest import REPO, random_loader
+from tests.conftest import REPO, ParseOnlyCLI, random_loader
 
 CONFIGS = REPO / "configs"
 
@@ -163,6 +164,23 @@ def test_missing_teacher_names_the_command(tmp_path: Path, monkeypatch: pytest.M
         Distiller(MLP(64, (8,), 10), "runs/quickstart_teacher/checkpoints/last.ckpt")
     with pytest.raises(TeacherNotFoundError, match="Train a teacher first"):
         Distiller(MLP(64, (8,), 10), "elsewhere/last.ckpt")
+    # a missing student checkpoint names its producer too
+    producer = r"does not exist.*distill fit -c \S*configs/quickstart/student.yaml"
+    with pytest.raises(MissingCheckpointError, match=producer):
+        load_student("runs/quickstart_student/checkpoints/last.ckpt")
+
+
+def test_cli_keeps_a_text_file_teacher_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """jsonargparse reads a file named for an argument that may be a class; the teacher stays a path, as given."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("just some notes\n")
+    cli = ParseOnlyCLI(
+        args=["-c", str(REPO / "configs/mnist/lenet300_100_distill.yaml"), "--model.init_args.teacher", "notes.txt"],
+        run=False,
+    )
+    assert cli.config["model"]["init_args"]["teacher"] == "notes.txt"
+    with pytest.raises(CheckpointError, match="cannot read teacher checkpoint 'notes.txt'"):
+        Distiller(MLP(64, (8,), 10), "notes.txt")
 
 
 def test_checkpoint_without_teacher_and_student_export(tmp_path: Path, trainer_kwargs: dict[str, Any]) -> None:
