@@ -10,6 +10,8 @@ NVML probe dropped from its optimizer as distill's modules drop it (Lightning's 
 distill's configs set ``fused: true`` on Adam (one kernel per tensor for the update instead of about ten ops, the same
 arithmetic). The headline ratio is ``distill fit`` as shipped against the minimal loop with torch's default Adam;
 the like-for-like ratios (both default, both fused) are printed beside it: they measure Lightning's own cost.
+``distill fit`` runs with its default progress bar on (drawn into memory; distill's bar redraws at most every 0.1 s),
+as users run it; the last row has Lightning's bar, which redraws after every batch, for comparison.
 
     DISTILL_DATA=../shared/data python benchmarks/bench_train.py [--steps 300] [--repeats 3]
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import statistics
 import time
@@ -120,9 +123,14 @@ def bare_lightning(dm: MNISTDataModule, steps: int, skip_probe: bool = False) ->
     return (timer.steps - WARMUP) * dm.batch_size / (timer.t1 - timer.t0)
 
 
-def distill_fit(steps: int, batch: int, fused: bool = True) -> float:
-    """``distill fit`` of the shipped teacher config (``fused=False``: with torch's default Adam update instead)."""
+def distill_fit(steps: int, batch: int, fused: bool = True, lightning_bar: bool = False) -> float:
+    """``distill fit`` of the shipped teacher config, with its default progress bar (drawn into memory, not a terminal).
+
+    ``fused=False``: torch's default Adam update instead; ``lightning_bar``: Lightning's per-batch TQDMProgressBar
+    instead of distill's time-limited one.
+    """
     timer = StepTimer(WARMUP)
+    extra = ["--trainer.callbacks+=pytorch_lightning.callbacks.TQDMProgressBar"] if lightning_bar else []
     cli = DistillCLI(
         args=[
             "-c", "configs/mnist/lenet300_100_teacher.yaml",
@@ -130,18 +138,19 @@ def distill_fit(steps: int, batch: int, fused: bool = True) -> float:
             "--trainer.max_steps", str(steps + WARMUP),
             "--trainer.limit_val_batches", "0",
             "--trainer.num_sanity_val_steps", "0",
-            "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false",
             "--trainer.accelerator", "cpu",
             "--trainer.logger.init_args.save_dir", "/tmp/distill_bench_runs",
             "--checkpoint.dirpath", "/tmp/distill_bench_runs/ckpt",
             "--data.batch_size", str(batch),
             "--data.download", "false",
+            *extra,
         ],
         run=False,
         trainer_defaults={"callbacks": [timer]},
     )  # fmt: skip
-    cli.trainer.fit(cli.model, cli.datamodule)
+    with contextlib.redirect_stdout(io.StringIO()):  # Lightning's bars write to stdout
+        cli.trainer.fit(cli.model, cli.datamodule)
     return (timer.steps - WARMUP) * batch / (timer.t1 - timer.t0)
 
 
@@ -175,7 +184,8 @@ def main() -> None:
     dm.setup("fit")
     assert dm.train_set is not None
     x, y = dm.train_set.x, dm.train_set.y
-    runs: dict[str, list[float]] = {k: [] for k in ("hand", "hand_fused", "bare", "bare_skip", "fit", "fit_default")}
+    kinds = ("hand", "hand_fused", "bare", "bare_skip", "fit", "fit_default", "fit_tqdm")
+    runs: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
         runs["hand"].append(hand_loop(x, y, args.steps, args.batch))
         runs["hand_fused"].append(hand_loop(x, y, args.steps, args.batch, fused=True))
@@ -183,6 +193,7 @@ def main() -> None:
         runs["bare_skip"].append(bare_lightning(dm, args.steps, skip_probe=True))
         runs["fit"].append(distill_fit(args.steps, args.batch))
         runs["fit_default"].append(distill_fit(args.steps, args.batch, fused=False))
+        runs["fit_tqdm"].append(distill_fit(args.steps, args.batch, lightning_bar=True))
     med = {k: statistics.median(v) for k, v in runs.items()}
     labels = {
         "hand": "hand-written loop (torch's default Adam)",
@@ -191,6 +202,7 @@ def main() -> None:
         "bare_skip": "  probe skipped",
         "fit": "distill fit (shipped config: fused Adam)",
         "fit_default": "distill fit, default Adam",
+        "fit_tqdm": "distill fit, Lightning's per-batch bar",
     }
     for k, label in labels.items():
         print(f"{label:<42}: {med[k]:9.0f} samples/s  (runs: {[round(v) for v in runs[k]]})  "

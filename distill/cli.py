@@ -14,10 +14,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from distill.callbacks.checkpoint import ModelCheckpoint as FastModelCheckpoint
+from distill.callbacks.progress import ProgressBar
 from distill.errors import check_checkpoint_file, find_config_error, find_user_error, user_message
 
 __all__ = ["DistillCLI", "main"]
@@ -41,6 +43,8 @@ class DistillCLI(LightningCLI):
     * a :class:`~pytorch_lightning.callbacks.ModelCheckpoint` on ``val/acc`` plus ``last.ckpt``, configurable as
       ``checkpoint.*`` (:class:`distill.callbacks.checkpoint.ModelCheckpoint`, Lightning's with less per-step work),
     * a fixed seed (42) unless the config says otherwise,
+    * a progress bar that redraws at most every 0.1 s (:class:`distill.callbacks.progress.ProgressBar`; Lightning's
+      default redraws after every batch, 8-12% of a small CPU model's throughput),
     * no profiler, without the cost of Lightning's default no-op one (:class:`distill.module_utils.NoOpProfiler`).
     """
 
@@ -87,6 +91,18 @@ class DistillCLI(LightningCLI):
             }
         )
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Lightning adds its own TQDMProgressBar when the config names none; swap in the time-limited one. A progress
+        # bar the config gives in trainer.callbacks is the user's choice and stays.
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connector
+        for i, cb in enumerate(callbacks):
+            if type(cb) is TQDMProgressBar and not any(cb is c for c in configured):
+                callbacks[i] = ProgressBar(cb.refresh_rate, cb.process_position)
+        return trainer
 
     def _check_ckpt_path(self) -> None:
         """A missing or unreadable ``--ckpt_path`` fails here, in one line, not after the whole set-up."""
