@@ -198,6 +198,43 @@ def _default_adam(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
 
+def build_module(
+    kind: str, student: nn.Module, teacher: nn.Module, layers: tuple[str, ...], fused: bool
+) -> pl.LightningModule:
+    """The Lightning side of one kind: ``Classifier`` (plain) or ``Distiller`` (kd, hint = joint, indep)."""
+    optimizer = _adam if fused else _default_adam
+    if kind == "plain":
+        return Classifier(student, optimizer=optimizer)
+    if kind == "kd":
+        return Distiller(student, teacher, optimizer=optimizer, temperature=T)
+    return Distiller(
+        student,
+        teacher,
+        optimizer=optimizer,
+        mode="layerwise",
+        layerwise_schedule="joint" if kind == "hint" else "independent",
+        layers={p: p for p in layers},
+    )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, steps: int = 200) -> None:
+    """The arguments the distillation benchmarks share."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=steps, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--synthetic", action="store_true", help="random tensors instead of MNIST")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+
+
+def quiet_lightning() -> None:
+    """No warnings or info lines from Lightning between the benchmark's own."""
+    warnings.filterwarnings("ignore")
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def compare(
     name: str,
     net: Callable[[], nn.Module],
@@ -216,21 +253,7 @@ def compare(
                 runs["hand_fused" if fused else "hand"].append(
                     hand_loop(kind, net(), teacher, x, y, args, layers, fused=fused)
                 )
-            optimizer = _adam if fused else _default_adam
-            if kind == "plain":
-                module: pl.LightningModule = Classifier(net(), optimizer=optimizer)
-            elif kind == "kd":
-                module = Distiller(net(), teacher, optimizer=optimizer, temperature=T)
-            else:
-                schedule = "joint" if kind == "hint" else "independent"
-                module = Distiller(
-                    net(),
-                    teacher,
-                    optimizer=optimizer,
-                    mode="layerwise",
-                    layerwise_schedule=schedule,
-                    layers={p: p for p in layers},
-                )
+            module = build_module(kind, net(), teacher, layers, fused)
             runs["lightning" if fused else "lightning_default"].append(lightning_loop(module, x, y, args))
     med = {k: statistics.median(v) for k, v in runs.items()}
     h, m = med["hand"], med["lightning"]
@@ -257,21 +280,13 @@ def compare(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=200, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--synthetic", action="store_true", help="random tensors instead of MNIST")
+    add_common_arguments(parser)
     parser.add_argument("--lenet5", action="store_true", help="also LeNet5Caffe (slower)")
     parser.add_argument("--only", nargs="*", default=None, help="subset of kinds: plain kd hint indep")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--loader", choices=["datamodule", "dataloader"], default="datamodule",
                         help="Lightning side: distill's in-memory data module (as distill fit) or a plain DataLoader")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_lightning()
     torch.set_num_threads(args.threads)
     x, y, _ = _data(args.synthetic)
     print(

@@ -38,12 +38,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import math
 import statistics
 import sys
 import time
-import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -51,11 +49,18 @@ import torch
 from torch import nn
 from torch.utils.data import RandomSampler, TensorDataset
 
-from benchmarks.bench_distill import T, _adam, _data, _default_adam, hand_loop, lightning_loop
+from benchmarks.bench_distill import (
+    T,
+    _data,
+    add_common_arguments,
+    build_module,
+    hand_loop,
+    lightning_loop,
+    quiet_lightning,
+)
 from benchmarks.bench_train import pure_torch_env
 from distill.hooks import FeatureCapture
 from distill.losses import feature_mse, softmax_mse
-from distill.modules import Distiller
 from models.lenet import LeNet300100
 
 MISSING = "torchdistill is not installed: pip install torchdistill==1.1.5 (benchmark-only; not a dependency of distill)"
@@ -257,7 +262,6 @@ def compare(kind: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespac
     torch.manual_seed(0)
     teacher = LeNet300100()
     td_teacher = copy.deepcopy(teacher)  # same weights; torchdistill's hooks and (un)freezing stay on its own copy
-    optimizer = _adam if args.fused else _default_adam
     runs: dict[str, list[float]] = {"hand": [], "torchdistill": [], "distiller": []}
     for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit all sides alike
         torch.manual_seed(0)
@@ -267,17 +271,7 @@ def compare(kind: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespac
         with pure_torch_env():  # torchdistill scripts do not import Lightning either
             runs["torchdistill"].append(torchdistill_loop(kind, LeNet300100(), td_teacher, x, y, args, args.fused))
         torch.manual_seed(0)
-        if kind == "kd":
-            module = Distiller(LeNet300100(), teacher, optimizer=optimizer, temperature=T)
-        else:
-            module = Distiller(
-                LeNet300100(),
-                teacher,
-                optimizer=optimizer,
-                mode="layerwise",
-                layerwise_schedule="joint",
-                layers={p: p for p in LAYERS},
-            )
+        module = build_module(kind, LeNet300100(), teacher, LAYERS, args.fused)
         runs["distiller"].append(lightning_loop(module, x, y, args))
     med = {k: statistics.median(v) for k, v in runs.items()}
     h, td, d = med["hand"], med["torchdistill"], med["distiller"]
@@ -303,20 +297,12 @@ def compare(kind: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespac
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=300, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_common_arguments(parser, steps=300)
     parser.add_argument("--fused", action="store_true", help="Adam(fused=True) on all three sides")
-    parser.add_argument("--synthetic", action="store_true", help="random tensors instead of MNIST")
     parser.add_argument("--only", nargs="*", choices=KINDS, default=None, help="subset of kinds: kd hint")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args()
     td_version = import_torchdistill()
-    warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_lightning()
     torch.set_num_threads(args.threads)
     x, y, _ = _data(args.synthetic)
     print(
