@@ -17,6 +17,7 @@ import torch
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from distill.callbacks.checkpoint import ModelCheckpoint as FastModelCheckpoint
 from distill.callbacks.progress import ProgressBar
@@ -128,7 +129,13 @@ class DistillCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        lines = [f"run folder:        {trainer.log_dir}"]
+        fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
+        logger = trainer.logger
+        lines = []
+        if fast_dev_run:
+            lines.append("fast_dev_run:      no logs or checkpoints were written")
+        elif logger is not None and trainer.log_dir:
+            lines.append(f"run folder:        {trainer.log_dir}")
         for ckpt in getattr(trainer, "checkpoint_callbacks", []):
             if not isinstance(ckpt, ModelCheckpoint) or not ckpt.best_model_path:
                 continue
@@ -139,8 +146,10 @@ class DistillCLI(LightningCLI):
             if callable(outputs):
                 for label, path in outputs().items():
                     lines.append(f"{label + ':':<18} {path}")
-        lines.append(f"tensorboard:       tensorboard --logdir {getattr(trainer.logger, 'root_dir', trainer.log_dir)}")
-        print("\n".join(lines))
+        if isinstance(logger, TensorBoardLogger) and not fast_dev_run:  # other loggers write no event files
+            lines.append(f"tensorboard:       tensorboard --logdir {logger.root_dir}")
+        if lines:
+            print("\n".join(lines))
 
 
 def _extra_command(name: str) -> Callable[[list[str]], int | None]:

@@ -1,0 +1,39 @@
+"""What ``distill fit`` prints at the end: where the run's files went, never a ``None`` path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distill.cli import main
+from tests.conftest import REPO
+
+TEACHER = str(REPO / "configs" / "quickstart" / "teacher.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _fit(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    main(["fit", "-c", TEACHER, *QUIET, *args])
+    return capsys.readouterr().out
+
+
+def test_summary_names_the_run_folder_and_tensorboard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = _fit(["--trainer.max_epochs", "1"], capsys)
+    assert "run folder:        runs/quickstart_teacher/version_0" in out
+    assert "last checkpoint:" in out and "tensorboard:       tensorboard --logdir runs/quickstart_teacher" in out
+
+
+def test_summary_without_logger_or_in_fast_dev_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = _fit(["--trainer.max_epochs", "1", "--trainer.logger", "false"], capsys)
+    assert "last checkpoint:" in out
+    assert "None" not in out and "tensorboard" not in out and "run folder" not in out  # nothing to point at
+    out = _fit(["--trainer.fast_dev_run", "true"], capsys)
+    assert "fast_dev_run:      no logs or checkpoints were written" in out
+    assert "None" not in out and "tensorboard" not in out
