@@ -207,6 +207,21 @@ def test_compress_and_evaluate_commands(digits_checkpoint: Path, tmp_path: Path,
     assert encodings["fc1.bias"] in ("raw-f16", "raw-sparse") and read_header(half)["meta"]["raw_dtype"] == "float16"
 
 
+def test_commands_reject_a_data_set_the_model_was_not_trained_on(
+    digits_checkpoint: Path, tmp_path: Path, mnist_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out" / "m.dstl"
+    assert compress_main([str(tmp_path / "run"), "--out", str(out), "--quality", "0.5"]) == 0
+    capsys.readouterr()
+    wrong = ["--data", "mnist", "--data-dir", str(mnist_root)]
+    assert evaluate_main([str(out), *wrong]) == 2
+    err = capsys.readouterr().err
+    assert "does not take --data mnist's inputs (batches of shape (1, 28, 28))" in err and "Fix: give --data" in err
+    assert compress_main([str(tmp_path / "run"), "--out", str(tmp_path / "m2.dstl"), *wrong]) == 2
+    assert "does not take --data mnist's inputs" in capsys.readouterr().err
+    assert not (tmp_path / "m2.dstl").exists()  # checked before anything is written
+
+
 def test_commands_reject_bad_paths(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert compress_main([str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "m.dstl")]) == 2
     assert "checkpoint or run folder not found" in capsys.readouterr().err

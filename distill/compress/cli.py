@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from distill.arch import ArchitectureError, build_module
@@ -105,6 +106,24 @@ def _test_batches(args: argparse.Namespace) -> tuple[Any, Any]:
     return dm.test_dataloader(), (lambda b: dm.on_after_batch_transfer(b, 0))
 
 
+def _check_inputs(net: nn.Module, loader: Any, transform: Any, data: str, what: str) -> None:
+    """One test batch through ``net`` first, so that a model trained on another data set fails in one line."""
+    x = transform(next(iter(loader)))[0]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(x[:2])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(
+            f"{what} does not take --data {data}'s inputs (batches of shape {tuple(x.shape[1:])}): {first}. "
+            "Fix: give --data the data set the model was trained on (mnist, cifar10 or digits)"
+        ) from err
+    finally:
+        net.train(was_training)
+
+
 def _run(fn: Any, argv: list[str]) -> int:
     try:
         return int(fn(argv) or 0)
@@ -136,6 +155,8 @@ def _compress(argv: list[str]) -> int:
     ckpt = find_checkpoint(args.checkpoint)
     net, key = network_from_checkpoint(ckpt)
     loader, transform = _test_batches(args) if args.data else (None, None)
+    if args.data:
+        _check_inputs(net, loader, transform, args.data, f"the network {key!r} of {ckpt}")
     out = Path(args.out)
     result = deep_compress(
         net,
@@ -173,6 +194,7 @@ def _evaluate(argv: list[str]) -> int:
     header = read_header(args.file)
     net = load_compressed(args.file)
     loader, transform = _test_batches(args)
+    _check_inputs(net, loader, transform, args.data, f"the model in {args.file}")
     acc = evaluate_accuracy(net, loader, "cpu", transform)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"model:             {header['arch']['class_path']} ({n_params:,} parameters)")
