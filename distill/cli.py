@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from distill.callbacks.checkpoint import ModelCheckpoint as FastModelCheckpoint
 from distill.callbacks.progress import ProgressBar
-from distill.errors import check_checkpoint_file, find_config_error, find_user_error, user_message
+from distill.errors import CheckpointError, check_checkpoint_file, find_config_error, find_user_error, user_message
 
 __all__ = ["DistillCLI", "main"]
 
@@ -117,7 +117,20 @@ class DistillCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning (>= 2.5) reads the checkpoint's hyper-parameters here, in __init__, with torch's bare errors
         self._check_ckpt_path()
+        sub = self.config.get("subcommand")
+        before = _network_of(self.config[sub].get("model")) if sub else None
         super()._parse_ckpt_path()
+        # ...and lets them replace the config's model: a checkpoint of another network would then train that network
+        # on this config's data, and fail at the first batch with a shape error (or worse, not fail)
+        after = _network_of(self.config[sub].get("model")) if sub else None
+        if before is not None and after is not None and after != before:
+            path = self.config[sub].get("ckpt_path")
+            raise CheckpointError(
+                f"--ckpt_path {str(path)!r} was written for another network: the checkpoint has {_describe(after)}, "
+                f"the config {_describe(before)}. Fix: resume from this config's own checkpoint (under its "
+                "checkpoint.dirpath), or start without --ckpt_path; to start from another run's weights, use the "
+                "LoadWeights callback"
+            )
 
     def before_fit(self) -> None:
         # on Lightning < 2.5 (no _parse_ckpt_path) this is the first place that sees --ckpt_path; later, a repeat
@@ -150,6 +163,22 @@ class DistillCLI(LightningCLI):
             lines.append(f"tensorboard:       tensorboard --logdir {logger.root_dir}")
         if lines:
             print("\n".join(lines))
+
+
+def _network_of(model: Any) -> tuple[Any, ...] | None:
+    """The LightningModule's class and its network's spec (``model`` or ``student``) from a parsed config, plain."""
+    if model is None:
+        return None
+    plain = model.as_dict() if hasattr(model, "as_dict") else model
+    if not isinstance(plain, dict):
+        return None
+    args = plain.get("init_args") or {}
+    net = args.get("model", args.get("student")) if isinstance(args, dict) else None
+    return plain.get("class_path"), repr(net)
+
+
+def _describe(network: tuple[Any, ...]) -> str:
+    return f"{network[0]} of {network[1]}"
 
 
 def _extra_command(name: str) -> Callable[[list[str]], int | None]:

@@ -142,6 +142,29 @@ def test_cli_names_the_class_of_a_bad_config_value(old: str, new: str, message: 
     assert "Traceback" not in err and "Namespace(" not in err
 
 
+def test_ckpt_path_of_another_network_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    teacher = str(QUICKSTART / "teacher.yaml")
+    main(["fit", "-c", teacher, *quiet, "--trainer.max_epochs", "1", "--trainer.logger", "false",
+          "--checkpoint.dirpath", "other", "--model.init_args.model.init_args.hidden_sizes", "[32]"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # Lightning would swap in the checkpoint's network (MLP 64-32-10)
+        main(["fit", "-c", teacher, *quiet, "--ckpt_path", "other/last.ckpt"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path 'other/last.ckpt' was written for another network" in err and "hidden_sizes': [32]" in err
+    assert "Fix: resume from this config's own checkpoint" in err and "Traceback" not in err
+    # the run's own checkpoint resumes as before
+    main(["fit", "-c", teacher, *quiet, "--trainer.max_epochs", "1", "--trainer.logger", "false",
+          "--checkpoint.dirpath", "mine"])
+    main(["fit", "-c", teacher, *quiet, "--trainer.max_epochs", "2", "--trainer.logger", "false",
+          "--checkpoint.dirpath", "mine", "--ckpt_path", "mine/last.ckpt"])
+    assert "last checkpoint:" in capsys.readouterr().out
+
+
 def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from distill import modules
 
