@@ -89,6 +89,7 @@ class DistillCLI(LightningCLI):
                 "last_checkpoint.save_top_k": 1,
                 "last_checkpoint.filename": "last",
                 "last_checkpoint.enable_version_counter": False,
+                "last_checkpoint.save_on_interrupt": True,  # Ctrl-C keeps the steps done since the last epoch end
             }
         )
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")

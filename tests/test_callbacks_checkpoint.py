@@ -46,3 +46,42 @@ def test_saves_what_lightnings_saves(tmp_path: Path, trainer_kwargs: dict[str, A
     theirs, their_state = _fit(LightningModelCheckpoint, tmp_path / "theirs", trainer_kwargs, **ckpt_args)
     assert ours == theirs and ours  # the same checkpoints at the same steps
     assert list(our_state) == list(their_state)  # callback state under Lightning's key: resumable with either class
+
+
+class _Raise(pl.Callback):
+    def __init__(self, at: int, error: type[BaseException]) -> None:
+        self.at, self.error = at, error
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            raise self.error("stop")
+
+
+@pytest.mark.parametrize(("error", "save", "expect_step"), [
+    (KeyboardInterrupt, True, 5),  # Ctrl-C mid-epoch: the steps done are kept
+    (KeyboardInterrupt, False, None),  # off: Lightning's behaviour
+    (FloatingPointError, True, None),  # an error: the broken state is not written over the last good checkpoint
+])  # fmt: skip
+def test_save_on_interrupt(tmp_path: Path, trainer_kwargs: dict[str, Any], error: type[BaseException], save: bool,
+                           expect_step: int | None) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", monitor=None, save_on_interrupt=save,
+                           enable_version_counter=False)
+    model = Classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)))
+    kwargs = {**trainer_kwargs, "max_epochs": 2, "enable_checkpointing": True, "callbacks": [ckpt, _Raise(5, error)]}
+    with pytest.raises((SystemExit, FloatingPointError)):  # Lightning exits after a KeyboardInterrupt
+        pl.Trainer(**kwargs).fit(model, random_loader(n=128, batch=16))  # 8 batches an epoch: step 5 is mid-epoch
+    files = list((tmp_path / "ckpt").glob("*.ckpt")) if (tmp_path / "ckpt").exists() else []
+    if expect_step is None:
+        assert not files
+    else:
+        assert [f.name for f in files] == ["last.ckpt"]
+        blob = torch.load(files[0], weights_only=False)
+        assert blob["global_step"] == expect_step and blob["epoch"] == 0
+
+
+def test_distill_fit_keeps_steps_on_ctrl_c_in_last_ckpt_only() -> None:
+    from tests.conftest import REPO, ParseOnlyCLI
+
+    cli = ParseOnlyCLI(args=["-c", str(REPO / "configs" / "quickstart" / "teacher.yaml")], run=False)
+    assert cli.config["last_checkpoint"]["save_on_interrupt"] is True
+    assert cli.config["checkpoint"]["save_on_interrupt"] is False  # the monitored "best" one

@@ -26,13 +26,40 @@ __all__ = ["ModelCheckpoint"]
 
 
 class ModelCheckpoint(_LightningModelCheckpoint):
-    """:class:`pytorch_lightning.callbacks.ModelCheckpoint` with the same arguments and behaviour, cheaper per step.
+    """:class:`pytorch_lightning.callbacks.ModelCheckpoint` with the same arguments and behaviour, cheaper per step,
+    and one more: ``save_on_interrupt``.
 
-    ``distill fit`` uses it for ``checkpoint.*`` and ``last_checkpoint.*``; it is a drop-in for Lightning's class in
-    any Trainer.
+    ``distill fit`` uses it for ``checkpoint.*`` and ``last_checkpoint.*`` (the latter with ``save_on_interrupt``, so
+    that Ctrl-C in the middle of a long epoch keeps the steps done: ``--ckpt_path last`` resumes from there); it is a
+    drop-in for Lightning's class in any Trainer.
+
+    Args:
+        save_on_interrupt: an unmonitored checkpoint (``monitor=None``) is also written when training is interrupted
+            with Ctrl-C (``KeyboardInterrupt``). Unlike Lightning's ``save_on_exception``, other exceptions write
+            nothing: a run stopped by an error (e.g. a non-finite loss) keeps its last good checkpoint instead of
+            overwriting it with the broken state.
+        *args, **kwargs: Lightning's ``ModelCheckpoint`` arguments.
     """
 
     _key_cache: tuple[tuple[Any, ...], str] | None = None
+
+    def __init__(self, *args: Any, save_on_interrupt: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_on_interrupt = bool(save_on_interrupt)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if (
+            self.save_on_interrupt
+            and isinstance(exception, KeyboardInterrupt)
+            and self.monitor is None  # a monitored "best" checkpoint would rank the interrupted state on old metrics
+            and trainer.state.fn == "fit"
+            and not getattr(trainer, "fast_dev_run", False)
+            and not trainer.sanity_checking
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_exception(trainer, pl_module, exception)
 
     @property
     @override
