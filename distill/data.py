@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 
 __all__ = [
     "CIFAR10DataModule",
@@ -148,7 +148,10 @@ class InMemoryDataModule(pl.LightningDataModule):
         self, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor
     ) -> None:
         if self.val_size >= len(y):
-            raise ValueError(f"val_size={self.val_size} leaves no training data (the training set has {len(y)})")
+            raise ConfigError(
+                f"{type(self).__name__}: val_size={self.val_size} leaves no training data (the training set has "
+                f"{len(y)}). Fix: set data.init_args.val_size below {len(y)} (the config file, or --data.val_size)"
+            )
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
         if self.val_size:
             val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "DistillError", "MissingCheckpointError", "check_checkpoint_file", "find_config_error",
-           "find_user_error", "producer_hint", "read_checkpoint", "user_message"]
+__all__ = ["CheckpointError", "ConfigError", "DistillError", "MissingCheckpointError", "check_checkpoint_file",
+           "find_config_error", "find_user_error", "producer_hint", "read_checkpoint", "user_message"]
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,11 @@ class DistillError(Exception):
 
 class CheckpointError(DistillError, ValueError):
     """A checkpoint file cannot be read (not a PyTorch checkpoint, truncated, corrupted) or holds the wrong things."""
+
+
+class ConfigError(DistillError, ValueError):
+    """A config value that can only be checked once the run starts (a data split larger than the data set, an
+    optimizer argument torch rejects); the message names the value and where to change it."""
 
 
 class MissingCheckpointError(CheckpointError, FileNotFoundError):

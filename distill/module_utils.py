@@ -17,6 +17,7 @@ from pytorch_lightning.profilers import PassThroughProfiler
 from torch import nn
 
 from distill.arch import arch_spec, build_module
+from distill.errors import ConfigError
 
 __all__ = [
     "FastSetattrMixin",
@@ -87,11 +88,19 @@ def configure_optimizers(
     monitor: str = "val/loss",
 ) -> Any:
     """Build the injected optimizer (and scheduler) over ``params``, in Lightning's return format."""
-    opt = optimizer(params)
+    try:
+        opt = optimizer(params)
+    except ValueError as err:  # torch checks its arguments only now, at fit time: say where the value came from
+        raise ConfigError(f"optimizer: {err}. Fix: change model.init_args.optimizer in the config file or on the "
+                          "command line") from err
     skip_idle_graph_capture_check(opt)
     if lr_scheduler is None:
         return opt
-    sched = lr_scheduler(opt)
+    try:
+        sched = lr_scheduler(opt)
+    except ValueError as err:
+        raise ConfigError(f"lr_scheduler: {err}. Fix: change model.init_args.lr_scheduler in the config file or on "
+                          "the command line") from err
     config: dict[str, Any] = {"scheduler": sched, "interval": "epoch"}
     if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config["monitor"] = monitor

@@ -165,6 +165,22 @@ def test_ckpt_path_of_another_network_is_refused(
     assert "last checkpoint:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data.val_size", "5000"], "DigitsDataModule: val_size=5000 leaves no training data (the training set has"),
+    (["--model.init_args.optimizer.init_args.lr", "-1"], "optimizer: Invalid learning rate: -1.0. Fix: change "
+                                                         "model.init_args.optimizer"),
+])  # fmt: skip
+def test_values_checked_at_fit_time_fail_in_one_line(args: list[str], message: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(QUICKSTART / "teacher.yaml"), "--trainer.enable_progress_bar", "false", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"distill: error: {message}" in err and "Traceback" not in err, err
+
+
 def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from distill import modules
 
