@@ -109,7 +109,8 @@ def resolve_run_dir(run_dir: str | os.PathLike[str]) -> Path:
     """
     folder = Path(run_dir)
     if not folder.is_dir():
-        raise NotARunError(f"run folder {str(folder)!r} does not exist (expected e.g. runs/<name>/version_0)")
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise NotARunError(f"run folder {str(folder)!r} {what} (expected e.g. runs/<name>/version_0)")
     if _is_run(folder):
         return folder
     versions = sorted(

@@ -72,6 +72,8 @@ def test_report_rejects_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytes
     assert "is not a run folder: expected hparams.yaml" in capsys.readouterr().err
     assert report.main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt' is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(report.NotARunError, match="not a run folder"):
         report.load_run(tmp_path)
     with pytest.raises(SystemExit):
