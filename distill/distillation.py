@@ -48,6 +48,7 @@ from distill.io import atomic_path
 from distill.losses import feature_mse, kd_kl, softmax_mse, weighted_distillation
 from distill.module_utils import (
     FastSetattrMixin,
+    ResumableRNGMixin,
     as_module,
     configure_optimizers,
     piecewise_schedule,
@@ -194,7 +195,7 @@ def _adapter_key(student_path: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class Distiller(FastSetattrMixin, pl.LightningModule):
+class Distiller(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
     """Train a student network to mimic a frozen teacher.
 
     Logs ``train/loss`` (the optimised total), ``train/distill_loss``, ``train/ce_loss`` (when ``alpha > 0``),

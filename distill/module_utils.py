@@ -154,6 +154,68 @@ class NoOpProfiler(PassThroughProfiler):
         return self._context
 
 
+RNG_KEY = "distill_rng_states"
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states (Python, NumPy, torch CPU and CUDA) as tensors and plain lists, so that a checkpoint
+    holding them still loads with ``torch.load(weights_only=True)``."""
+    import random
+
+    import numpy as np
+
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    py_state = random.getstate()
+    states: dict[str, Any] = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned (the parts present)."""
+    import random
+
+    import numpy as np
+
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ResumableRNGMixin:
+    """Save the global random states in every checkpoint and restore them on resume (one process only).
+
+    The training loader shuffles with the global torch generator (as PyTorch's ``RandomSampler`` does), and dropout and
+    augmentation draw from it too; Lightning restores neither, so a run resumed from ``last.ckpt`` went on with other
+    batches than the uninterrupted run. With the states restored, a resume at an epoch boundary ends where the
+    uninterrupted run ends (tested); under DDP each process has its own states, and the samplers Lightning installs
+    shuffle by seed and epoch, so nothing is restored there.
+    """
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_KEY] = rng_states()
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = getattr(self, "_trainer", None)
+        if RNG_KEY in checkpoint and (trainer is None or trainer.world_size == 1):
+            set_rng_states(checkpoint[RNG_KEY])
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+
 class FastSetattrMixin:
     """Skip ``nn.Module.__setattr__`` for the string Lightning sets around every hook call.
 

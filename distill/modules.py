@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from distill.module_utils import (
     FastSetattrMixin,
+    ResumableRNGMixin,
     as_module,
     configure_optimizers,
     save_arch_hparams,
@@ -27,7 +28,7 @@ from distill.module_utils import (
 __all__ = ["Classifier", "Distiller"]  # the shared helpers are public in distill.module_utils
 
 
-class Classifier(FastSetattrMixin, pl.LightningModule):
+class Classifier(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
     """Train any network on labels with cross-entropy (the teacher, or a student's label-only baseline).
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.

@@ -99,3 +99,36 @@ def test_gmm_prior_optimizer_always_skips_the_capture_check() -> None:
     assert isinstance(opt, torch.optim.Adam)
     assert vars(opt).get("_accelerator_graph_capture_health_check") is not None
     assert {g["name"] for g in opt.param_groups} == {"means", "log_precisions", "mixing"}
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from distill.module_utils import rng_states, set_rng_states
+
+    torch.save(rng_states(), tmp_path / "rng.pt")
+    first = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == first
+
+
+def test_distill_fit_resumed_at_an_epoch_boundary_ends_like_the_uninterrupted_run(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The training loader shuffles with the global generator; the checkpoint restores it (ResumableRNGMixin)."""
+    from distill.cli import main
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    base = ["fit", "-c", str(REPO / "configs" / "quickstart" / "teacher.yaml"), "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    main([*base, "--trainer.max_epochs", "3", "--checkpoint.dirpath", "full"])
+    main([*base, "--trainer.max_epochs", "2", "--checkpoint.dirpath", "part"])
+    main([*base, "--trainer.max_epochs", "3", "--checkpoint.dirpath", "part", "--ckpt_path", "part/last.ckpt"])
+    full = torch.load("full/last.ckpt", weights_only=True)
+    part = torch.load("part/last.ckpt", weights_only=True)
+    assert full["global_step"] == part["global_step"]
+    for key, value in full["state_dict"].items():
+        torch.testing.assert_close(part["state_dict"][key], value, rtol=0, atol=0)
