@@ -8,7 +8,7 @@ an epoch of a small network is not dominated by per-sample PIL decoding and coll
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from distill.errors import ConfigError, DistillError
+from distill.module_utils import rng_states, set_rng_states
 
 __all__ = [
     "CIFAR10DataModule",
@@ -91,17 +92,39 @@ class TensorBatchSampler(BatchSampler):
     ``BatchSampler`` subclasses) it gathers that sampler's indices as ``BatchSampler`` does.
     """
 
+    # Resuming in the middle of an epoch (distill's data modules make their training loaders resumable with these):
+    # the state of the generator that drew the epoch's permutation is kept, and a resumed iteration draws the same
+    # permutation and skips the batches already trained.
+    epoch_generator_state: torch.Tensor | None = None
+    _resume: tuple[torch.Tensor, int, Mapping[str, Any] | None] | None = None
+
+    def resume_from(self, generator_state: torch.Tensor, skip: int, rng: Mapping[str, Any] | None = None) -> None:
+        """Make the next iteration the rest of an interrupted epoch: its permutation (drawn by a generator in
+        ``generator_state``) from batch ``skip`` on, with the global random states ``rng`` (as saved when it was
+        interrupted) restored as it starts: after the draws that creating the iterator makes, which the interrupted
+        run made before the checkpoint was taken."""
+        self._resume = (generator_state, int(skip), rng)
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler
+        resume, self._resume = self._resume, None
         if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
             n = len(sampler.data_source)  # type: ignore[arg-type]
             generator = sampler.generator
-            if generator is None:  # as RandomSampler.__iter__ seeds itself from the global generator
+            if resume is not None:  # the interrupted epoch's permutation, without drawing from any generator
+                if resume[2] is not None:
+                    set_rng_states(resume[2])
+                if generator is None:
+                    generator = torch.Generator()
+                generator.set_state(resume[0])
+            elif generator is None:  # as RandomSampler.__iter__ seeds itself from the global generator
                 generator = torch.Generator()
                 generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+            self.epoch_generator_state = generator.get_state()
             perm = torch.randperm(n, generator=generator)
             stop = n - n % self.batch_size if self.drop_last else n
-            for start in range(0, stop, self.batch_size):
+            first = resume[1] * self.batch_size if resume is not None else 0
+            for start in range(first, stop, self.batch_size):
                 yield perm[start : start + self.batch_size]
             if sampler.generator is not None:  # RandomSampler draws and drops a second permutation at each epoch's
                 torch.randperm(n, generator=generator)  # end: a generator it was given stays in step for later epochs
@@ -169,13 +192,39 @@ class InMemoryDataModule(pl.LightningDataModule):
             batching: dict[str, Any] = {"batch_sampler": TensorBatchSampler(RandomSampler(ds), self.batch_size, False)}
         else:
             batching = {"batch_size": self.eval_batch_size, "shuffle": False, "drop_last": False}
-        return DataLoader(
+        loader = DataLoader(
             ds,
             num_workers=self.num_workers,
             collate_fn=_as_is,
             persistent_workers=self.num_workers > 0,
             **batching,
         )
+        if train:
+            self._make_resumable(loader)
+        return loader
+
+    def _make_resumable(self, loader: DataLoader) -> None:
+        """Give the training loader ``state_dict`` / ``load_state_dict``: Lightning saves a resumable loader's state
+        in each checkpoint and restores it, so that a run stopped mid-epoch (Ctrl-C writes ``last.ckpt``) resumes with
+        the rest of that epoch's batches instead of a new permutation. Instance attributes, not a DataLoader subclass:
+        the loader Lightning rebuilds around a ``DistributedSampler`` under DDP stays a plain one (not resumable)."""
+        sampler = loader.batch_sampler
+        if not isinstance(sampler, TensorBatchSampler):
+            return
+
+        def state_dict() -> dict[str, Any]:
+            trainer = getattr(self, "trainer", None)
+            loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+            done = int(loop.batch_progress.current.processed) if loop is not None else 0  # where Lightning restarts
+            return {"generator_state": sampler.epoch_generator_state, "completed_batches": done, "rng": rng_states()}
+
+        def load_state_dict(state: dict[str, Any]) -> None:
+            gen, done = state.get("generator_state"), int(state.get("completed_batches", 0))
+            if isinstance(gen, torch.Tensor) and 0 < done < len(sampler):  # an epoch boundary: a fresh epoch follows
+                sampler.resume_from(gen, done, state.get("rng"))
+
+        loader.state_dict = state_dict  # type: ignore[attr-defined]
+        loader.load_state_dict = load_state_dict  # type: ignore[attr-defined]
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """The ``(x, y)`` tensor pairs of these loaders go straight to the device; anything else the Lightning way.

@@ -152,3 +152,52 @@ def test_train_loader_takes_lightnings_distributed_sampler() -> None:
 
     got, every = rows(torch.cat(seen)), rows(loader.dataset.x)
     assert not every - got and sum((got - every).values()) == 2 * ((n + 1) // 2) - n  # all, one repeated if n is odd
+
+
+def test_tensor_batch_sampler_resumes_the_rest_of_an_epoch() -> None:
+    torch.manual_seed(0)
+    sampler = TensorBatchSampler(RandomSampler(range(100)), batch_size=16, drop_last=False)
+    epoch = list(sampler)
+    assert sampler.epoch_generator_state is not None
+    sampler.resume_from(sampler.epoch_generator_state, skip=3)
+    rest = list(sampler)
+    assert len(rest) == len(epoch) - 3
+    for a, b in zip(rest, epoch[3:], strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(list(sampler)[0], epoch[0])  # then a fresh epoch, as before
+
+
+def test_ctrl_c_mid_epoch_then_resume_ends_like_the_uninterrupted_run(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """last.ckpt written on Ctrl-C holds the loader's place and the random states: the rest of that epoch's batches
+    follow, and the run ends bit-identical to one never interrupted."""
+    import pytorch_lightning as pl
+
+    from distill.cli import DistillCLI
+    from tests.conftest import REPO
+
+    class CtrlC(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+            if trainer.global_step == 30:  # batch 9 of epoch 1 (21 batches an epoch)
+                raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    base = ["-c", str(REPO / "configs" / "quickstart" / "teacher.yaml"), "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.max_epochs", "3"]
+
+    def fit(folder: str, callbacks: list[pl.Callback], ckpt: str | None = None) -> None:
+        cli = DistillCLI(args=[*base, "--checkpoint.dirpath", folder], run=False,
+                         trainer_defaults={"callbacks": callbacks})
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt)
+
+    fit("full", [])
+    with pytest.raises(SystemExit):  # Lightning exits after a KeyboardInterrupt
+        fit("part", [CtrlC()])
+    assert torch.load("part/last.ckpt", weights_only=True)["global_step"] == 30
+    fit("part", [], ckpt="part/last.ckpt")
+    full = torch.load("full/last.ckpt", weights_only=True)
+    part = torch.load("part/last.ckpt", weights_only=True)
+    assert full["global_step"] == part["global_step"] == 63
+    for key, value in full["state_dict"].items():
+        torch.testing.assert_close(part["state_dict"][key], value, rtol=0, atol=0)
