@@ -216,11 +216,16 @@ class InMemoryDataModule(pl.LightningDataModule):
             trainer = getattr(self, "trainer", None)
             loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
             done = int(loop.batch_progress.current.processed) if loop is not None else 0  # where Lightning restarts
-            return {"generator_state": sampler.epoch_generator_state, "completed_batches": done, "rng": rng_states()}
+            # the batches an epoch runs (limit_train_batches may cut it short of the loader's length)
+            per_epoch = getattr(trainer, "num_training_batches", len(sampler))
+            epoch_over = done >= min(len(sampler), per_epoch)
+            return {"generator_state": sampler.epoch_generator_state, "completed_batches": done,
+                    "epoch_over": epoch_over, "rng": rng_states()}
 
         def load_state_dict(state: dict[str, Any]) -> None:
             gen, done = state.get("generator_state"), int(state.get("completed_batches", 0))
-            if isinstance(gen, torch.Tensor) and 0 < done < len(sampler):  # an epoch boundary: a fresh epoch follows
+            # at an epoch's end (or before its start) the next iteration is a fresh epoch, as in the uninterrupted run
+            if isinstance(gen, torch.Tensor) and 0 < done < len(sampler) and not state.get("epoch_over", False):
                 sampler.resume_from(gen, done, state.get("rng"))
 
         loader.state_dict = state_dict  # type: ignore[attr-defined]
