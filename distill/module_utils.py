@@ -210,8 +210,10 @@ class ResumableRNGMixin:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainer = getattr(self, "_trainer", None)
-        if RNG_KEY in checkpoint and (trainer is None or trainer.world_size == 1):
+        # only when a fit resumes: load_from_checkpoint() in a notebook must not reset the caller's random states
+        trainer: Any = getattr(self, "_trainer", None)
+        fitting = trainer is not None and getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+        if RNG_KEY in checkpoint and fitting and trainer.world_size == 1:
             set_rng_states(checkpoint[RNG_KEY])
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 

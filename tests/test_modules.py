@@ -132,3 +132,22 @@ def test_distill_fit_resumed_at_an_epoch_boundary_ends_like_the_uninterrupted_ru
     assert full["global_step"] == part["global_step"]
     for key, value in full["state_dict"].items():
         torch.testing.assert_close(part["state_dict"][key], value, rtol=0, atol=0)
+
+
+def test_load_from_checkpoint_leaves_the_callers_random_states_alone(
+    tmp_path: Path, trainer_kwargs: dict[str, Any]
+) -> None:
+    from distill.module_utils import RNG_KEY
+
+    module = Classifier(MLP(64, (8,), 10))
+    trainer = pl.Trainer(**{**trainer_kwargs, "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1})
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    assert RNG_KEY in torch.load(path, weights_only=True)
+    torch.manual_seed(123)
+    Classifier(MLP(64, (8,), 10))  # what building the module draws (its initialisation)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    Classifier.load_from_checkpoint(path)  # not a resumed fit: no random state is restored from the file
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
