@@ -7,8 +7,9 @@ an epoch of a small network is not dominated by per-sample PIL decoding and coll
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "DigitsDataModule",
     "InMemoryDataModule",
     "MNISTDataModule",
+    "ResumableDataLoader",
     "TensorBatchDataset",
     "TensorBatchSampler",
     "resolve_data_dir",
@@ -132,6 +134,41 @@ class TensorBatchSampler(BatchSampler):
             yield from super().__iter__()
 
 
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`TensorBatchSampler` that Lightning can save and restore mid-epoch.
+
+    Lightning stores the ``state_dict()`` of a loader that has one in each checkpoint and hands it back to
+    ``load_state_dict()`` on resume. Here that state is the generator state that drew the epoch's permutation, the
+    batches done (``progress()``: Lightning's own count, so the next batch is the one Lightning trains next) and the
+    global random states of that moment, so a run stopped mid-epoch (Ctrl-C writes ``last.ckpt``) resumes with the rest
+    of that epoch's batches and ends as the uninterrupted run ends. A subclass, not attributes, so that the loader
+    Lightning rebuilds around a ``DistributedSampler`` under DDP keeps the protocol (there the sampler shuffles by seed
+    and epoch and nothing is restored; a single-process checkpoint still loads).
+
+    Args:
+        progress: ``() -> (batches done in the current epoch, epoch over)``; ``None``: nothing to resume.
+        *args, **kwargs: ``DataLoader``'s.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, bool]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.batch_sampler
+        gen = sampler.epoch_generator_state if isinstance(sampler, TensorBatchSampler) else None
+        done, over = self.progress() if self.progress is not None else (0, True)
+        return {"generator_state": gen, "completed_batches": done, "epoch_over": over, "rng": rng_states()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        sampler = self.batch_sampler
+        gen, done = state.get("generator_state"), int(state.get("completed_batches", 0))
+        # at an epoch's end (or before its start) the next iteration is a fresh epoch, as in the uninterrupted run
+        if isinstance(sampler, TensorBatchSampler) and isinstance(gen, torch.Tensor) and 0 < done < len(sampler) \
+                and not state.get("epoch_over", False):
+            sampler.resume_from(gen, done, state.get("rng"))
+
+
 class InMemoryDataModule(pl.LightningDataModule):
     """Base class: subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``.
 
@@ -192,44 +229,27 @@ class InMemoryDataModule(pl.LightningDataModule):
             batching: dict[str, Any] = {"batch_sampler": TensorBatchSampler(RandomSampler(ds), self.batch_size, False)}
         else:
             batching = {"batch_size": self.eval_batch_size, "shuffle": False, "drop_last": False}
-        loader = DataLoader(
+        loader_cls = ResumableDataLoader if train else DataLoader
+        extra: dict[str, Any] = {"progress": self._epoch_progress} if train else {}
+        return loader_cls(
             ds,
             num_workers=self.num_workers,
             collate_fn=_as_is,
             persistent_workers=self.num_workers > 0,
             **batching,
+            **extra,
         )
-        if train:
-            self._make_resumable(loader)
-        return loader
 
-    def _make_resumable(self, loader: DataLoader) -> None:
-        """Give the training loader ``state_dict`` / ``load_state_dict``: Lightning saves a resumable loader's state
-        in each checkpoint and restores it, so that a run stopped mid-epoch (Ctrl-C writes ``last.ckpt``) resumes with
-        the rest of that epoch's batches instead of a new permutation. Instance attributes, not a DataLoader subclass:
-        the loader Lightning rebuilds around a ``DistributedSampler`` under DDP stays a plain one (not resumable)."""
-        sampler = loader.batch_sampler
-        if not isinstance(sampler, TensorBatchSampler):
-            return
-
-        def state_dict() -> dict[str, Any]:
-            trainer = getattr(self, "trainer", None)
-            loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-            done = int(loop.batch_progress.current.processed) if loop is not None else 0  # where Lightning restarts
-            # the batches an epoch runs (limit_train_batches may cut it short of the loader's length)
-            per_epoch = getattr(trainer, "num_training_batches", len(sampler))
-            epoch_over = done >= min(len(sampler), per_epoch)
-            return {"generator_state": sampler.epoch_generator_state, "completed_batches": done,
-                    "epoch_over": epoch_over, "rng": rng_states()}
-
-        def load_state_dict(state: dict[str, Any]) -> None:
-            gen, done = state.get("generator_state"), int(state.get("completed_batches", 0))
-            # at an epoch's end (or before its start) the next iteration is a fresh epoch, as in the uninterrupted run
-            if isinstance(gen, torch.Tensor) and 0 < done < len(sampler) and not state.get("epoch_over", False):
-                sampler.resume_from(gen, done, state.get("rng"))
-
-        loader.state_dict = state_dict  # type: ignore[attr-defined]
-        loader.load_state_dict = load_state_dict  # type: ignore[attr-defined]
+    def _epoch_progress(self) -> tuple[int, bool]:
+        """``(batches of the current epoch Lightning has processed, whether the epoch is over)``: where a resumed
+        fit restarts (``limit_train_batches`` may end an epoch short of the loader's length)."""
+        trainer = getattr(self, "trainer", None)
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is None:
+            return 0, True
+        done = int(loop.batch_progress.current.processed)
+        per_epoch = getattr(trainer, "num_training_batches", math.inf)
+        return done, done >= per_epoch
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """The ``(x, y)`` tensor pairs of these loaders go straight to the device; anything else the Lightning way.

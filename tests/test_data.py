@@ -15,6 +15,7 @@ from distill.data import (
     DataNotFoundError,
     DigitsDataModule,
     MNISTDataModule,
+    ResumableDataLoader,
     TensorBatchDataset,
     TensorBatchSampler,
     random_crop_flip,
@@ -145,6 +146,10 @@ def test_train_loader_takes_lightnings_distributed_sampler() -> None:
         ddp_loader = _update_dataloader(loader, sampler, mode="fit")
         assert isinstance(ddp_loader.batch_sampler, TensorBatchSampler)
         assert ddp_loader.batch_sampler.sampler is sampler and ddp_loader.batch_sampler.batch_size == 32
+        # still resumable for Lightning, so a single-process checkpoint's loader state loads (and is ignored: the
+        # DistributedSampler shuffles by seed and epoch)
+        assert isinstance(ddp_loader, ResumableDataLoader) and ddp_loader.progress == loader.progress
+        ddp_loader.load_state_dict({"generator_state": torch.get_rng_state(), "completed_batches": 3})
         seen.append(torch.cat([x for x, _ in ddp_loader]))
         assert len(seen[-1]) == (n + 1) // 2
     def rows(x: torch.Tensor) -> Counter[bytes]:
