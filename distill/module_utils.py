@@ -20,8 +20,10 @@ from distill.arch import arch_spec, build_module
 from distill.errors import ConfigError
 
 __all__ = [
+    "RNG_KEY",
     "FastSetattrMixin",
     "NoOpProfiler",
+    "ResumableRNGMixin",
     "as_module",
     "piecewise_schedule",
     "schedule_at",
@@ -29,6 +31,8 @@ __all__ = [
     "skip_idle_graph_capture_check",
     "save_arch_hparams",
     "save_hparams",
+    "rng_states",
+    "set_rng_states",
     "should_log_step",
 ]
 
@@ -201,8 +205,10 @@ class ResumableRNGMixin:
     The training loader shuffles with the global torch generator (as PyTorch's ``RandomSampler`` does), and dropout and
     augmentation draw from it too; Lightning restores neither, so a run resumed from ``last.ckpt`` went on with other
     batches than the uninterrupted run. With the states restored, a resume at an epoch boundary ends where the
-    uninterrupted run ends (tested); under DDP each process has its own states, and the samplers Lightning installs
-    shuffle by seed and epoch, so nothing is restored there.
+    uninterrupted run ends (tested); mid-epoch, distill's resumable training loader
+    (:class:`distill.data.ResumableDataLoader`) restores the states of its own moment as the rest of the epoch starts.
+    Under DDP each process has its own states, and the samplers Lightning installs shuffle by seed and epoch, so
+    nothing is restored there.
     """
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
