@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,25 @@ def test_config_parses(config: Path) -> None:
     cfg = cli.config
     assert cfg["model"]["class_path"].startswith("distill.")
     assert cfg["data"]["class_path"].startswith("distill.data.")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
+def test_config_saved_in_the_run_folder_reproduces_the_run(config: Path, tmp_path: Path) -> None:
+    # what Lightning's SaveConfigCallback writes to runs/<name>/version_N/config.yaml: every value serialised (a
+    # value jsonargparse cannot write comes out as the string "Unable to serialize instance ..." with a warning)
+    cli = ParseOnlyCLI(args=["-c", str(config)], run=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = cli.parser.dump(cli.config, skip_none=False)  # as SaveConfigCallback calls it
+    assert not [w for w in caught if "serialize" in str(w.message)]
+    assert "Unable to serialize" not in text
+    saved = tmp_path / "config.yaml"
+    saved.write_text(text)
+    again = ParseOnlyCLI(args=["-c", str(saved)], run=False).config
+    first = cli.config.clone()
+    first.pop("config", None)
+    again.pop("config", None)
+    assert again == first
 
 
 def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -83,7 +83,9 @@ class MagnitudePruning(Callback):
     def __init__(
         self,
         quality: Schedule | None = None,
-        sparsity: Schedule | Mapping[str, Schedule] | None = None,
+        # the mapping before the function: jsonargparse tries a union's types in order when it writes the config
+        # (config.yaml in every run folder), and its Callable writer fails on a mapping
+        sparsity: float | Sequence[float] | Mapping[str, Schedule] | Callable[[int], float] | None = None,
         prune_epochs: Sequence[int] | None = None,
         every_n_epochs: int | None = None,
         max_iterations: int | None = None,
