@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,8 +127,17 @@ def atomic_savez(path: str | os.PathLike[str], /, **arrays: npt.ArrayLike) -> Pa
     Raises:
         ValueError: If an array has dtype ``object`` (it would need pickling).
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, allow_pickle=False, **arrays)
+    # The archive np.savez writes (one .npy member per array, stored uncompressed), written here: np.savez takes
+    # allow_pickle only from NumPy 2.1 on (before, it would store it as an array of that name) and cannot store an
+    # array named "allow_pickle" or "file".
+    converted = {name: np.asanyarray(value) for name, value in arrays.items()}
+    for name, value in converted.items():
+        if value.dtype.hasobject:
+            raise ValueError(f"array {name!r} has dtype {value.dtype}: writing it would need a pickle, refused")
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in converted.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, value, allow_pickle=False)
     return Path(path)
 
 

@@ -91,6 +91,7 @@ def test_savez_round_trip_without_pickle(tmp_path: Path) -> None:
         "mask": rng.random(5) > 0.5,
         "layer_name": np.array("fc1.weight"),
         "path": np.arange(3),  # an array may be called "path": the target argument is positional-only
+        "allow_pickle": np.zeros(2),  # and "allow_pickle": no argument of np.savez is passed
     }
     target = tmp_path / "weights.npz"
     assert atomic_savez(target, **arrays) == target
@@ -115,6 +116,8 @@ def test_savez_refuses_object_arrays_and_keeps_old_file(tmp_path: Path) -> None:
     atomic_savez(target, x=np.zeros(3))
     with pytest.raises(ValueError, match="pickle"):
         atomic_savez(target, x=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(ValueError, match="'y'.*pickle"):  # a structured dtype holding objects too
+        atomic_savez(target, y=np.zeros(2, dtype=[("a", "f4"), ("b", "O")]))
     with np.load(target, allow_pickle=False) as data:
         np.testing.assert_array_equal(data["x"], np.zeros(3))
     assert _names(tmp_path) == ["w.npz"]
