@@ -114,9 +114,14 @@ def configure_optimizers(
 @functools.cache
 def _accelerator_available() -> bool:
     accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "current_accelerator"):
-        return accelerator.current_accelerator(check_available=True) is not None
-    return bool(torch.cuda.is_available())
+    if accelerator is None or not hasattr(accelerator, "current_accelerator"):  # torch < 2.6
+        return bool(torch.cuda.is_available())
+    if hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    try:  # torch 2.6 raises here when no accelerator is available
+        return accelerator.current_accelerator() is not None
+    except RuntimeError:
+        return False
 
 
 def _no_graph_capture_check() -> None:
