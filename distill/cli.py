@@ -160,6 +160,11 @@ class DistillCLI(LightningCLI):
             if callable(outputs):
                 for label, path in outputs().items():
                     lines.append(f"{label + ':':<18} {path}")
+        for cb in getattr(trainer, "callbacks", []):  # ...and what they measured (e.g. the compression rate)
+            results = getattr(cb, "summary", None)
+            if callable(results):
+                for label, text in results().items():
+                    lines.append(f"{label + ':':<18} {text}")
         if isinstance(logger, TensorBoardLogger) and not fast_dev_run:  # other loggers write no event files
             lines.append(f"tensorboard:       tensorboard --logdir {logger.root_dir}")
         if lines:

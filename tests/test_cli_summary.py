@@ -37,3 +37,21 @@ def test_summary_without_logger_or_in_fast_dev_run(
     out = _fit(["--trainer.fast_dev_run", "true"], capsys)
     assert "fast_dev_run:      no logs or checkpoints were written" in out
     assert "None" not in out and "tensorboard" not in out
+
+
+def test_summary_gives_the_compression_rate_and_the_files_accuracy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--trainer.max_epochs", "1", "--trainer.callbacks+=distill.callbacks.PruneQuantize",
+            "--trainer.callbacks.init_args.quality", "0.5", "--trainer.callbacks.init_args.finetune_epochs", "0"]
+    out = _fit(args, capsys)
+    run = tmp_path / "runs" / "quickstart_teacher" / "version_0"
+    totals = json.loads((run / "compression_report.json").read_text())["totals"]
+    acc = json.loads((run / "accuracy.json").read_text())
+    line = next(x for x in out.splitlines() if x.startswith("compression:"))
+    assert f"{totals['compression_rate']:.1f}x: {totals['file_bytes']:,} bytes in the file" in line
+    line = next(x for x in out.splitlines() if x.startswith("test accuracy:"))
+    assert f"{100 * acc['decoded']:.2f}% read back from the file ({100 * acc['before']:.2f}% before" in line

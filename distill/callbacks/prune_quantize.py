@@ -245,3 +245,22 @@ class PruneQuantize(Callback):
         if self.result is None:
             return {}
         return {k: str(v) for k, v in self.result["paths"].items()}
+
+    def summary(self) -> dict[str, str]:
+        """What the compression gave, one line each (for the CLI's summary): the rate and the test accuracy before,
+        quantized and read back from the file."""
+        if self.result is None:
+            return {}
+        totals = self.result["report"]["totals"]
+        out = {
+            "compression": f"{totals['compression_rate']:.1f}x: {totals['file_bytes']:,} bytes in the file vs "
+            f"{totals['dense_bytes']:,} dense (float32), {100 * totals['nonzero_fraction']:.2f}% of the weights "
+            "non-zero"
+        }
+        acc = self.result["accuracy"]
+        if acc["decoded"] is None:
+            out["test accuracy"] = f"not measured ({self.note or 'evaluate=False'})"
+        else:
+            out["test accuracy"] = (f"{100 * acc['decoded']:.2f}% read back from the file ({100 * acc['before']:.2f}% "
+                                    f"before compression, {100 * acc['quantized']:.2f}% quantized)")
+        return out
