@@ -8,6 +8,7 @@ LightningCLI parses anything. ``python -m distill`` is the same command.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -192,9 +193,17 @@ def _extra_command(name: str) -> Callable[[list[str]], int | None]:
     return getattr(importlib.import_module(module_name), func)
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    # Lightning >= 2.6 logs a "Tip" advertising its cloud logger at every fit that does not use it
+    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``distill`` and ``python -m distill``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    rank_zero_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if _not_an_advert not in rank_zero_log.filters:
+        rank_zero_log.addFilter(_not_an_advert)
     if args and args[0] in EXTRA_COMMANDS:
         code = _extra_command(args[0])(args[1:])
         raise SystemExit(code or 0)

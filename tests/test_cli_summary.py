@@ -55,3 +55,18 @@ def test_summary_gives_the_compression_rate_and_the_files_accuracy(
     assert f"{totals['compression_rate']:.1f}x: {totals['file_bytes']:,} bytes in the file" in line
     line = next(x for x in out.splitlines() if x.startswith("test accuracy:"))
     assert f"{100 * acc['decoded']:.2f}% read back from the file ({100 * acc['before']:.2f}% before" in line
+
+
+def test_no_advert_for_lightnings_cloud_logger(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO):
+        _fit(["--trainer.max_epochs", "1"], capsys)
+    assert "GPU available" in caplog.text  # Lightning's other messages still come through
+    assert "Tip:" not in caplog.text + capsys.readouterr().err
