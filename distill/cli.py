@@ -146,30 +146,28 @@ class DistillCLI(LightningCLI):
             return
         fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
         logger = trainer.logger
-        lines = []
+        lines: list[tuple[str, str]] = []  # (label, text), printed as one aligned column
         if fast_dev_run:
-            lines.append("fast_dev_run:      no logs or checkpoints were written")
+            lines.append(("fast_dev_run", "no logs or checkpoints were written"))
         elif logger is not None and trainer.log_dir:
-            lines.append(f"run folder:        {trainer.log_dir}")
+            lines.append(("run folder", str(trainer.log_dir)))
         for ckpt in getattr(trainer, "checkpoint_callbacks", []):
             if not isinstance(ckpt, ModelCheckpoint) or not ckpt.best_model_path:
                 continue
-            label = "best checkpoint:" if ckpt.monitor else "last checkpoint:"
-            lines.append(f"{label:<18} {ckpt.best_model_path}")
+            lines.append(("best checkpoint" if ckpt.monitor else "last checkpoint", ckpt.best_model_path))
         for cb in getattr(trainer, "callbacks", []):  # callbacks that wrote files say where (e.g. the compressed model)
             outputs = getattr(cb, "output_paths", None)
             if callable(outputs):
-                for label, path in outputs().items():
-                    lines.append(f"{label + ':':<18} {path}")
+                lines += [(label, str(path)) for label, path in outputs().items()]
         for cb in getattr(trainer, "callbacks", []):  # ...and what they measured (e.g. the compression rate)
             results = getattr(cb, "summary", None)
             if callable(results):
-                for label, text in results().items():
-                    lines.append(f"{label + ':':<18} {text}")
+                lines += [(label, str(text)) for label, text in results().items()]
         if isinstance(logger, TensorBoardLogger) and not fast_dev_run:  # other loggers write no event files
-            lines.append(f"tensorboard:       tensorboard --logdir {logger.root_dir}")
+            lines.append(("tensorboard", f"tensorboard --logdir {logger.root_dir}"))
         if lines:
-            print("\n".join(lines))
+            width = max(19, *(len(label) + 2 for label, _ in lines))
+            print("\n".join(f"{label + ':':<{width}}{text}" for label, text in lines))
 
 
 def _network_of(model: Any) -> tuple[Any, ...] | None:

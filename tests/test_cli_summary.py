@@ -55,6 +55,8 @@ def test_summary_gives_the_compression_rate_and_the_files_accuracy(
     assert f"{totals['compression_rate']:.1f}x: {totals['file_bytes']:,} bytes in the file" in line
     line = next(x for x in out.splitlines() if x.startswith("test accuracy:"))
     assert f"{100 * acc['decoded']:.2f}% read back from the file ({100 * acc['before']:.2f}% before" in line
+    summary = out[out.index("run folder:") :].splitlines()
+    assert "compression report:" in out and len({len(x) - len(x.split(":", 1)[1].lstrip()) for x in summary}) == 1
 
 
 def test_no_advert_for_lightnings_cloud_logger(
