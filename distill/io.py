@@ -127,9 +127,9 @@ def atomic_savez(path: str | os.PathLike[str], /, **arrays: npt.ArrayLike) -> Pa
     Raises:
         ValueError: If an array has dtype ``object`` (it would need pickling).
     """
-    # The archive np.savez writes (one .npy member per array, stored uncompressed), written here: np.savez takes
-    # allow_pickle only from NumPy 2.1 on (before, it would store it as an array of that name) and cannot store an
-    # array named "allow_pickle" or "file".
+    # The archive np.savez writes (one .npy member per array, stored uncompressed), written here: np.savez of NumPy
+    # 2.0 and older has no allow_pickle argument (1.24 and 1.26 store it as an array of that name), and none can store
+    # an array named "allow_pickle" or "file".
     converted = {name: np.asanyarray(value) for name, value in arrays.items()}
     for name, value in converted.items():
         if value.dtype.hasobject:
