@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from distill.callbacks.checkpoint import ModelCheckpoint as FastModelCheckpoint
 from distill.callbacks.progress import ProgressBar
+from distill.compress.pipeline import format_summary
 from distill.errors import CheckpointError, check_checkpoint_file, find_config_error, find_user_error, user_message
 
 __all__ = ["DistillCLI", "main"]
@@ -166,8 +167,7 @@ class DistillCLI(LightningCLI):
         if isinstance(logger, TensorBoardLogger) and not fast_dev_run:  # other loggers write no event files
             lines.append(("tensorboard", f"tensorboard --logdir {logger.root_dir}"))
         if lines:
-            width = max(19, *(len(label) + 2 for label, _ in lines))
-            print("\n".join(f"{label + ':':<{width}}{text}" for label, text in lines))
+            print(format_summary(lines))
 
 
 def _network_of(model: Any) -> tuple[Any, ...] | None:

@@ -195,12 +195,12 @@ def test_compress_and_evaluate_commands(digits_checkpoint: Path, tmp_path: Path,
     out = tmp_path / "out" / "m.dstl"
     assert compress_main([str(tmp_path / "run"), "--out", str(out), "--quality", "0.5", "--data", "digits"]) == 0
     printed = capsys.readouterr().out
-    assert "compression rate" in printed and "decoded" in printed
+    assert "compression:" in printed and "% read back from the file" in printed
     assert (tmp_path / "out" / "compression_report.md").is_file()
     assert evaluate_main([str(out), "--data", "digits"]) == 0
     acc_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test accuracy")][0]
     decoded = json.loads((tmp_path / "out" / "accuracy.json").read_text())["decoded"]
-    assert f"{decoded:.4f}" in acc_line
+    assert f"{100 * decoded:.2f}%" in acc_line
     half = tmp_path / "half" / "m.dstl"
     assert compress_main([str(tmp_path / "run"), "--out", str(half), "--quality", "0.5", "--raw-dtype", "float16"]) == 0
     encodings = {r["name"]: r["encoding"] for r in read_header(half)["tensors"]}

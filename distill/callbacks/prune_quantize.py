@@ -25,7 +25,7 @@ from typing_extensions import override
 from distill.callbacks.gmm_prior import GMMPrior
 from distill.compress.kmeans import clusters_for_bits
 from distill.compress.params import network_of
-from distill.compress.pipeline import RAW_DTYPES, deep_compress
+from distill.compress.pipeline import RAW_DTYPES, deep_compress, result_summary
 from distill.io import run_folder
 
 __all__ = ["PruneQuantize"]
@@ -251,16 +251,4 @@ class PruneQuantize(Callback):
         quantized and read back from the file."""
         if self.result is None:
             return {}
-        totals = self.result["report"]["totals"]
-        out = {
-            "compression": f"{totals['compression_rate']:.1f}x: {totals['file_bytes']:,} bytes in the file vs "
-            f"{totals['dense_bytes']:,} dense (float32), {100 * totals['nonzero_fraction']:.2f}% of the weights "
-            "non-zero"
-        }
-        acc = self.result["accuracy"]
-        if acc["decoded"] is None:
-            out["test accuracy"] = f"not measured ({self.note or 'evaluate=False'})"
-        else:
-            out["test accuracy"] = (f"{100 * acc['decoded']:.2f}% read back from the file ({100 * acc['before']:.2f}% "
-                                    f"before compression, {100 * acc['quantized']:.2f}% quantized)")
-        return out
+        return result_summary(self.result, self.note or "evaluate=False")

@@ -20,7 +20,7 @@ from torch import nn
 
 from distill.arch import ArchitectureError, build_module
 from distill.compress.fileformat import load_compressed, read_header
-from distill.compress.pipeline import deep_compress, evaluate_accuracy
+from distill.compress.pipeline import deep_compress, evaluate_accuracy, format_summary, result_summary
 from distill.errors import DistillError, read_checkpoint, user_message
 
 __all__ = ["compress_main", "evaluate_main", "find_checkpoint", "network_from_checkpoint"]
@@ -171,15 +171,8 @@ def _compress(argv: list[str]) -> int:
         meta={"checkpoint": str(ckpt), "network": key},
         raw_dtype=args.raw_dtype,
     )
-    t = result["report"]["totals"]
-    print(f"compressed {key} of {ckpt}")
-    print(f"file:              {out} ({t['file_bytes']:,} bytes, dense {t['dense_bytes']:,})")
-    print(f"compression rate:  {t['compression_rate']:.1f}x  (zero weights {100 * t['zero_rate']:.2f}%)")
-    acc = result["accuracy"]
-    if acc["decoded"] is not None:
-        print(f"test accuracy:     before {acc['before']:.4f}  decoded {acc['decoded']:.4f}")
-    for label, path in result["paths"].items():
-        print(f"{label + ':':<18} {path}")
+    lines = [("compressed", f"{key} of {ckpt}"), *result_summary(result, "--data not given").items()]
+    print(format_summary([*lines, *((label, str(path)) for label, path in result["paths"].items())]))
     return 0
 
 
@@ -197,10 +190,12 @@ def _evaluate(argv: list[str]) -> int:
     _check_inputs(net, loader, transform, args.data, f"the model in {args.file}")
     acc = evaluate_accuracy(net, loader, "cpu", transform)
     n_params = sum(p.numel() for p in net.parameters())
-    print(f"model:             {header['arch']['class_path']} ({n_params:,} parameters)")
     rate = 4 * n_params / header["file_bytes"]
-    print(f"file:              {args.file} ({header['file_bytes']:,} bytes, compression rate {rate:.1f}x)")
-    print(f"test accuracy:     {acc:.4f} (error {100 * (1 - acc):.2f}%)")
+    print(format_summary([
+        ("model", f"{header['arch']['class_path']} ({n_params:,} parameters)"),
+        ("file", f"{args.file} ({header['file_bytes']:,} bytes, {rate:.1f}x smaller than float32)"),
+        ("test accuracy", f"{100 * acc:.2f}% (error {100 * (1 - acc):.2f}%)"),
+    ]))
     return 0
 
 

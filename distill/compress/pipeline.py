@@ -24,7 +24,7 @@ from distill.compress.report import compression_report, write_report
 from distill.compress.structure import remove_dead_units
 from distill.io import atomic_write_json
 
-__all__ = ["RAW_DTYPES", "deep_compress", "evaluate_accuracy", "round_raw_tensors", "write_json"]
+__all__ = ["RAW_DTYPES", "deep_compress", "evaluate_accuracy", "result_summary", "round_raw_tensors", "write_json"]
 
 RAW_DTYPES = ("float32", "float16")
 _F16_MAX = float(torch.finfo(torch.float16).max)
@@ -214,3 +214,28 @@ def deep_compress(
     accuracy = {"before": before, "quantized": quantized, "decoded": decoded}
     paths["accuracy"] = write_json(folder / "accuracy.json", accuracy)
     return {"accuracy": accuracy, "report": report, "paths": paths}
+
+
+def result_summary(result: dict[str, Any], why_not_measured: str | None = None) -> dict[str, str]:
+    """One line each on what :func:`deep_compress` gave (the closing summaries of ``distill fit`` and ``distill
+    compress``): the compression rate, and the test accuracy read back from the file with the accuracies before
+    compression and quantized beside it (or ``why_not_measured``)."""
+    totals = result["report"]["totals"]
+    out = {
+        "compression": f"{totals['compression_rate']:.1f}x: {totals['file_bytes']:,} bytes in the file vs "
+        f"{totals['dense_bytes']:,} dense (float32), {100 * totals['nonzero_fraction']:.2f}% of the weights non-zero"
+    }
+    acc = result["accuracy"]
+    if acc["decoded"] is None:
+        out["test accuracy"] = f"not measured ({why_not_measured or 'no test data'})"
+    else:
+        out["test accuracy"] = (f"{100 * acc['decoded']:.2f}% read back from the file ({100 * acc['before']:.2f}% "
+                                f"before compression, {100 * acc['quantized']:.2f}% quantized)")
+    return out
+
+
+def format_summary(lines: Iterable[tuple[str, str]]) -> str:
+    """``label: text`` lines with the texts in one aligned column (the commands' closing summaries)."""
+    lines = list(lines)
+    width = max(19, *(len(label) + 2 for label, _ in lines)) if lines else 0
+    return "\n".join(f"{label + ':':<{width}}{text}" for label, text in lines)
