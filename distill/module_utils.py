@@ -113,12 +113,10 @@ def configure_optimizers(
 
 @functools.cache
 def _accelerator_available() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is None or not hasattr(accelerator, "current_accelerator"):  # torch < 2.6
-        return bool(torch.cuda.is_available())
+    accelerator = torch.accelerator  # torch >= 2.6 (pyproject's floor)
     if hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())
-    try:  # torch 2.6 raises here when no accelerator is available
+    try:  # torch 2.6 has no is_available, and raises here when no accelerator is available
         return accelerator.current_accelerator() is not None
     except RuntimeError:
         return False

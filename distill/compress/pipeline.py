@@ -24,7 +24,15 @@ from distill.compress.report import compression_report, write_report
 from distill.compress.structure import remove_dead_units
 from distill.io import atomic_write_json
 
-__all__ = ["RAW_DTYPES", "deep_compress", "evaluate_accuracy", "result_summary", "round_raw_tensors", "write_json"]
+__all__ = [
+    "RAW_DTYPES",
+    "deep_compress",
+    "evaluate_accuracy",
+    "format_summary",
+    "result_summary",
+    "round_raw_tensors",
+    "write_json",
+]
 
 RAW_DTYPES = ("float32", "float16")
 _F16_MAX = float(torch.finfo(torch.float16).max)
