@@ -9,12 +9,16 @@ kernel of about the same speed after ~40 s of compilation per process, and a C++
 time. numba compiles these loops in 1-2 s, once (cached on disk), and is optional: without it, or for tensors that are
 not contiguous float32 on the CPU, :class:`~distill.priors.MixtureTable` runs the same algorithm as ATen ops.
 
-All kernels are single-threaded (torch's intra-op threads stay free for the network) and release the GIL.
+The kernels are single-threaded and release the GIL; the per-weight pass also runs split over torch's own OpenMP
+threads when torch uses more than one (:class:`TeamPass`, the reasons beside it).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -28,7 +32,7 @@ except ImportError:  # pragma: no cover
     numba = None  # type: ignore[assignment]
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "bin_sums", "build_table", "component_terms", "host_pass", "usable"]
+__all__ = ["AVAILABLE", "bin_sums", "build_table", "component_terms", "host_pass", "team_size", "TeamPass", "usable"]
 
 
 def _jit(fn: Any) -> Any:
@@ -288,6 +292,253 @@ def host_pass(
     total, spread = _host_pass_kernel(ws, gs, table, counts, *u_consts, np.float32(alpha), int(subbins), stats, means,
                                       float(lo), float(h), sums)
     return sums, float(spread) / max(float(total), 1.0)
+
+
+# -- the per-weight pass on torch's own OpenMP team --------------------------------------------------------------------
+# Why: when torch runs N > 1 intra-op threads, the network's kernels use every core but the pass above uses one, and
+# on LeNet-300-100 it is most of the prior's cost. A second thread pool cannot help: numba's parallel layers bring
+# their own OpenMP runtime (or a work queue) whose threads compete for the cores with torch's OpenMP workers, which
+# keep spinning for a while after each of torch's parallel regions; split that way the pass was slower inside a
+# training step than on one thread (BENCHMARKS.md, sessions 8 and 10). So the pass is handed to the OpenMP runtime
+# torch itself loaded, through ``GOMP_parallel`` (libgomp's entry point for GCC's ``#pragma omp parallel``, which
+# LLVM's and Intel's runtimes export too), and runs on the very workers that are spinning. Nothing else offers this:
+# no library exposes torch's ``at::parallel_for`` to Python. The worker is a numba ``cfunc``; the runtime's
+# thread-number functions reach it as addresses in its argument block, so the compiled code holds no
+# process-specific pointer and is cached on disk like the other kernels. Each thread takes a contiguous share of
+# every tensor and counts into its own histogram row: results are bit-identical to :func:`host_pass` (tested).
+
+_TEAM_MIN_WEIGHTS = 1 << 15  # fewer weights: waking the team costs more than it saves
+_ARGS = 16  # the argument block: int64 slots, see _team_worker
+
+if AVAILABLE:  # pragma: no branch
+    from llvmlite import ir as _ir
+    from numba.core import types as _nt
+    from numba.extending import intrinsic as _intrinsic
+
+    def _address_intrinsic(ty: Any) -> Any:
+        """An intrinsic's typing function: an integer address (or ``void *``) as a typed pointer, for ``carray``."""
+
+        def impl(typingctx: Any, addr: Any) -> Any:
+            sig = _nt.CPointer(ty)(addr)
+
+            def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+                llty = context.get_value_type(_nt.CPointer(ty))
+                if isinstance(signature.args[0], _nt.Integer):
+                    return builder.inttoptr(args[0], llty)
+                return builder.bitcast(args[0], llty)
+
+            return sig, codegen
+
+        impl.__name__ = f"_as_{ty}_pointer"
+        return impl
+
+    _as_i64 = _intrinsic(_address_intrinsic(_nt.int64))
+    _as_i32 = _intrinsic(_address_intrinsic(_nt.int32))
+    _as_f32 = _intrinsic(_address_intrinsic(_nt.float32))
+    _as_c64 = _intrinsic(_address_intrinsic(_nt.complex64))
+
+    @_intrinsic
+    def _call_int_fn(typingctx: Any, addr: Any) -> Any:
+        """Call the C function ``int f(void)`` at an address (the runtime's ``omp_get_thread_num`` and kin)."""
+        sig = _nt.int32(addr)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            fn = builder.inttoptr(args[0], _ir.FunctionType(_ir.IntType(32), []).as_pointer())
+            return builder.call(fn, [])
+
+        return sig, codegen
+
+    @numba.cfunc(_nt.void(_nt.voidptr), cache=True, error_model="numpy")
+    def _team_worker(data: Any) -> None:  # pragma: no cover - compiled, runs on the OpenMP threads
+        # argument block: 0 team size (out), 1 tensors, 2/3/4 addresses of the weight pointers, gradient pointers and
+        # sizes, 5/6 table address and length, 7 histogram rows address, 8 row length, 9/10 per-thread position
+        # scratch (cells, fractions), 11 float32 constants (u_scale, u_offset, u_max, alpha), 12/13 the addresses of
+        # omp_get_thread_num/omp_get_num_threads, 14 rows available
+        a = numba.carray(_as_i64(data), (_ARGS,))  # type: ignore[call-arg]
+        t = np.int64(_call_int_fn(a[12]))
+        team = np.int64(_call_int_fn(a[13]))
+        if t == 0:
+            a[0] = team
+        parts = min(team, a[14])
+        if t >= parts:
+            return
+        nt = a[1]
+        wptr = numba.carray(_as_i64(a[2]), (nt,))
+        gptr = numba.carray(_as_i64(a[3]), (nt,))
+        sizes = numba.carray(_as_i64(a[4]), (nt,))
+        table = numba.carray(_as_c64(a[5]), (a[6],))
+        n_fine = a[8]
+        counts = numba.carray(_as_i32(a[7] + t * n_fine * 4), (n_fine,))
+        cell = numba.carray(_as_i32(a[9] + t * _BLOCK * 4), (_BLOCK,))
+        frac = numba.carray(_as_f32(a[10] + t * _BLOCK * 4), (_BLOCK,))
+        c = numba.carray(_as_f32(a[11]), (4,))
+        counts[:] = 0
+        for k in range(nt):
+            n = sizes[k]
+            lo = n * t // parts
+            hi = n * (t + 1) // parts
+            w = numba.carray(_as_f32(wptr[k]), (n,))
+            g = numba.carray(_as_f32(gptr[k]), (n,))
+            for s in range(lo, hi, _BLOCK):
+                e = min(s + _BLOCK, hi)
+                m = e - s
+                _positions(w[s:e], cell[:m], frac[:m], c[0], c[1], c[2])
+                _gather_count(g[s:e], cell[:m], frac[:m], table, counts, c[3])
+
+
+    @_intrinsic
+    def _call_gomp_parallel(typingctx: Any, fn: Any, worker: Any, data: Any, threads: Any) -> Any:
+        """``GOMP_parallel(worker, data, threads, 0)`` through its address (all four arguments int64)."""
+        sig = _nt.void(_nt.int64, _nt.int64, _nt.int64, _nt.int64)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            i8p = _ir.IntType(8).as_pointer()
+            i32 = _ir.IntType(32)
+            worker_ty = _ir.FunctionType(_ir.VoidType(), [i8p]).as_pointer()
+            fn_ty = _ir.FunctionType(_ir.VoidType(), [worker_ty, i8p, i32, i32]).as_pointer()
+            callee = builder.inttoptr(args[0], fn_ty)
+            builder.call(callee, [builder.inttoptr(args[1], worker_ty), builder.inttoptr(args[2], i8p),
+                                  builder.trunc(args[3], i32), _ir.Constant(i32, 0)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+    def _team_pass_kernel(
+        ws: Any, gs: Any, table: np.ndarray, rows: np.ndarray, cells: np.ndarray, fracs: np.ndarray,
+        consts: np.ndarray, pointers: np.ndarray, args: np.ndarray, fns: np.ndarray, threads: int, subbins: int,
+        stats: np.ndarray, means: np.ndarray, lo: float, h: float, sums: np.ndarray,
+    ) -> tuple[float, float, int]:  # pragma: no cover - compiled
+        # fns: GOMP_parallel, _team_worker, omp_get_thread_num, omp_get_num_threads (addresses)
+        nt = len(ws)
+        for i in range(nt):
+            pointers[0, i] = np.int64(ws[i].ctypes.data)
+            pointers[1, i] = np.int64(gs[i].ctypes.data)
+            pointers[2, i] = ws[i].shape[0]
+        n_fine = rows.shape[1]
+        args[0] = 0
+        args[1] = nt
+        args[2] = np.int64(pointers[0].ctypes.data)
+        args[3] = np.int64(pointers[1].ctypes.data)
+        args[4] = np.int64(pointers[2].ctypes.data)
+        args[5] = np.int64(table.ctypes.data)
+        args[6] = table.shape[0]
+        args[7] = np.int64(rows.ctypes.data)
+        args[8] = n_fine
+        args[9] = np.int64(cells.ctypes.data)
+        args[10] = np.int64(fracs.ctypes.data)
+        args[11] = np.int64(consts.ctypes.data)
+        args[12] = fns[2]
+        args[13] = fns[3]
+        args[14] = threads
+        _call_gomp_parallel(fns[0], fns[1], np.int64(args.ctypes.data), np.int64(threads))  # type: ignore[call-arg]
+        parts = min(args[0], threads)
+        for r in range(1, parts):
+            for f in range(n_fine):
+                rows[0, f] += rows[r, f]
+        sums[:] = 0.0
+        total, spread = _bin_kernel(rows[0], subbins, stats, means, lo, h, sums)
+        return total, spread, parts
+
+
+class _Team:
+    """torch's OpenMP runtime, found among the loaded libraries: ``GOMP_parallel`` and its thread-number functions."""
+
+    def __init__(self, path: str) -> None:
+        lib = ctypes.CDLL(path)
+        self.path = path
+        self.parallel_address = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
+        self.thread_num = ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value
+        self.num_threads = ctypes.cast(lib.omp_get_num_threads, ctypes.c_void_p).value
+
+
+_TEAM: _Team | None | bool = False  # False: not looked for yet
+
+
+def _omp_runtime_path() -> str | None:
+    """The OpenMP runtime torch's ATen uses, if it can be told apart: Linux, ATen's OpenMP backend, and the runtime
+    shipped in torch's own folders (wheels) or the only one loaded (conda, system builds). ``None`` otherwise."""
+    if not sys.platform.startswith("linux") or os.environ.get("DISTILL_PRIOR_TEAM", "1") == "0":
+        return None
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in f if line.count(" ") >= 5}
+    except OSError:
+        return None
+    names = ("libgomp", "libiomp5", "libomp")
+    found = sorted(p for p in paths if os.path.basename(p).startswith(names) and ".so" in os.path.basename(p))
+    torch_root = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    own = [p for p in found if p.startswith(os.path.join(torch_root, "torch")) and "numba" not in p]
+    if len(own) == 1:
+        return own[0]
+    return found[0] if len(found) == 1 else None
+
+
+def _team() -> _Team | None:
+    global _TEAM
+    if _TEAM is False:
+        path = _omp_runtime_path() if AVAILABLE else None
+        try:
+            _TEAM = _Team(path) if path else None
+        except (OSError, AttributeError):  # not loadable, or not exporting the GOMP entry points
+            _TEAM = None
+    return _TEAM  # type: ignore[return-value]
+
+
+def team_size(n_weights: int) -> int:
+    """How many of torch's threads :class:`TeamPass` would split ``n_weights`` over (1: run :func:`host_pass`)."""
+    threads = torch.get_num_threads()
+    if threads < 2 or n_weights < _TEAM_MIN_WEIGHTS or _team() is None:
+        return 1
+    return threads
+
+
+class TeamPass:
+    """:func:`host_pass` on torch's OpenMP threads; kept across steps (the argument block and scratch are reused)."""
+
+    def __init__(self) -> None:
+        team = _team()
+        if team is None:
+            raise RuntimeError("no OpenMP runtime of torch's was found (check team_size() first)")
+        self.fns = np.array([team.parallel_address, _team_worker.address, team.thread_num, team.num_threads],
+                            dtype=np.int64)
+        self.args = np.zeros(_ARGS, dtype=np.int64)
+        self.consts = np.zeros(4, dtype=np.float32)
+        self.rows = np.zeros(0, dtype=np.int32)
+        self.cells = np.zeros(0, dtype=np.int32)
+        self.fracs = np.zeros(0, dtype=np.float32)
+        self.pointers = np.zeros((3, 0), dtype=np.int64)
+
+    def run(
+        self, threads: int, ws: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], table: np.ndarray,
+        n_fine: int, u_consts: tuple[np.float32, np.float32, np.float32], alpha: float, subbins: int,
+        stats: np.ndarray, means: np.ndarray, lo: float, h: float,
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """``gs[i] += alpha * g(ws[i])`` and the histogram on ``threads`` threads, then :func:`bin_sums`, in one
+        compiled call (it fills the worker's argument block and calls ``GOMP_parallel`` itself: each ``.ctypes``
+        access and ctypes call from Python costs microseconds).
+
+        Returns:
+            ``(histogram, sums, spread)``: the merged sub-cell counts (a view into this object's buffer, valid until
+            the next call) and what :func:`host_pass` returns.
+        """
+        if self.rows.shape[0] < threads * n_fine:
+            self.rows = np.zeros(threads * n_fine, dtype=np.int32)
+        if self.cells.shape[0] < threads * _BLOCK:
+            self.cells = np.zeros(threads * _BLOCK, dtype=np.int32)
+            self.fracs = np.zeros(threads * _BLOCK, dtype=np.float32)
+        if self.pointers.shape[1] != len(ws):
+            self.pointers = np.zeros((3, len(ws)), dtype=np.int64)
+        self.consts[0], self.consts[1], self.consts[2] = u_consts
+        self.consts[3] = alpha
+        rows = self.rows[: threads * n_fine].reshape(threads, n_fine)
+        sums = np.empty(1 + 3 * means.shape[0])
+        total, spread, _ = _team_pass_kernel(ws, gs, table, rows, self.cells, self.fracs, self.consts, self.pointers,
+                                             self.args, self.fns, threads, int(subbins), stats, means, float(lo),
+                                             float(h), sums)
+        return rows[0], sums, float(spread) / max(float(total), 1.0)
 
 
 # -- the mixture's own (J+1)-vectors ----------------------------------------------------------------------------------

@@ -244,7 +244,8 @@ class MixtureTable:
     gradients is about ``5e-5`` on a mixture with a 10x narrower zero component (measured in the tests).
 
     On a CPU with numba installed (``kernel="auto"``), building the table, the per-weight pass and the binned sums
-    run as fused loops (:mod:`distill.prior_kernels`): one pass over the weights instead of about ten; elsewhere (CUDA,
+    run as fused loops (:mod:`distill.prior_kernels`): one pass over the weights instead of about ten, split over
+    torch's own OpenMP threads when it runs more than one (:class:`~distill.prior_kernels.TeamPass`); elsewhere (CUDA,
     16-bit weights, ``kernel="torch"``) the same algorithm runs as plain ATen ops.
 
     Args:
@@ -466,6 +467,17 @@ class MixtureTable:
             for w, g in zip(ws, grads, strict=True):
                 self.accumulate_host(w, g, alpha)
             return self._result()  # type: ignore[no-any-return]
+        threads = self._kernels.team_size(counted)
+        if threads > 1:  # split over torch's own OpenMP threads (bit-identical results)
+            team = self.workspace.get("team_pass")
+            if team is None:
+                team = self.workspace["team_pass"] = self._kernels.TeamPass()
+            counts, tot, spread = team.run(threads, ws, grads, self._table_host, self.n_fine, self._u_consts, alpha,
+                                           self.subbins, self.stats.numpy(), self._means, self.lo, self.h)
+            self.fine_counts = torch.from_numpy(counts)
+            self._counts_host = counts
+            self._counted = counted
+            return self._grads_from_sums(tot, spread, self.prec.numpy())  # type: ignore[no-any-return]
         counts = self._host_scratch("counts", self.n_fine, np.int32)[: self.n_fine]
         tot, spread = self._kernels.host_pass(ws, grads, self._table_host, counts, self._u_consts, alpha,
                                               self.subbins, self.stats.numpy(), self._means, self.lo, self.h)

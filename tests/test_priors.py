@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +134,56 @@ def test_fused_kernels_agree_with_aten_ops() -> None:
             torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), b, rtol=1e-14, atol=0)
     with pytest.raises(RuntimeError, match="fresh table"):
         one.accumulate_all_host((ws[0].numpy(),), (gs[0].numpy(),), 0.3)
+
+
+@pytest.fixture
+def torch_threads():  # type: ignore[no-untyped-def]
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")
+def test_pass_on_torchs_openmp_threads_is_identical_to_one_thread(torch_threads) -> None:  # type: ignore[no-untyped-def]
+    """Split over torch's OpenMP team (2 threads, and 3 on fewer cores), the per-weight pass writes the same gradients,
+    histogram and sums as on one thread, bit for bit: tensors smaller than the team, weights beyond the table's
+    range, a workspace reused by a bigger grid."""
+    torch_threads(2)
+    if prior_kernels.team_size(1 << 20) == 1:
+        if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+            pytest.fail(f"torch's OpenMP runtime was not found among the loaded libraries (torch {torch.__version__})")
+        pytest.skip("torch does not run on an OpenMP runtime here")
+    ws = [_weights(n, seed=n).float() for n in (1, 5, 4097, 70_001, 100_000)]
+    lo, hi = min(float(w.min()) for w in ws) + 0.01, max(float(w.max()) for w in ws) - 0.01
+    for narrow in (0.01, 0.002):  # the second grid is bigger than the first: the team's buffers grow
+        means, lp, lpi = _mixture(j=16, narrow=narrow)
+        results = {}
+        workspace: dict[str, object] = {}
+        for threads in (1, 2, 3, 2):
+            torch_threads(threads)
+            table = MixtureTable(means.numpy(), lp.numpy(), lpi.numpy(), lo, hi, workspace=workspace)
+            gs = [torch.full_like(w, 0.25) for w in ws]
+            out = table.accumulate_all_host(tuple(w.numpy() for w in ws), tuple(g.numpy() for g in gs), 0.3)
+            assert table.fine_counts is not None and int(table.fine_counts.sum()) == sum(w.numel() for w in ws)
+            results[threads] = (torch.cat(gs), table.fine_counts.clone(), [np.asarray(o) for o in out])
+        assert "team_pass" in workspace
+        for threads in (2, 3):
+            assert torch.equal(results[threads][0], results[1][0])
+            assert torch.equal(results[threads][1], results[1][1])
+            for a, b in zip(results[threads][2], results[1][2], strict=True):
+                assert np.array_equal(a, b)
+
+
+def test_openmp_team_can_be_switched_off(monkeypatch: pytest.MonkeyPatch, torch_threads) -> None:  # type: ignore[no-untyped-def]
+    """``DISTILL_PRIOR_TEAM=0`` keeps the pass on one thread (it is read when the runtime is first looked for)."""
+    torch_threads(2)
+    monkeypatch.setattr(prior_kernels, "_TEAM", False)
+    monkeypatch.setenv("DISTILL_PRIOR_TEAM", "0")
+    assert prior_kernels.team_size(1 << 20) == 1
+    monkeypatch.setattr(prior_kernels, "_TEAM", False)
+    monkeypatch.delenv("DISTILL_PRIOR_TEAM")
+    torch_threads(1)
+    assert prior_kernels.team_size(1 << 20) == 1  # one torch thread: nothing to split over
 
 
 @pytest.mark.parametrize("compiled", [True, False])
