@@ -3,7 +3,8 @@
 Side by side, interleaved in one run: a plain training step (forward, backward, Adam step) against the same step plus
 the prior as ``GMMPrior`` applies it (tabulated gradient added to ``.grad``, mixture gradients, mixture Adam step),
 with its fused numba kernels (``prior``, the default on a CPU) and as ATen ops only (``prior_aten``, ``kernel="torch"``,
-what runs on CUDA);
+what runs on CUDA), and with more than one torch thread the fused prior with its per-weight pass kept on one thread
+(``prior_one_thread``; by default it runs on torch's OpenMP team);
 then, separately, the naive ``N x (J+1)`` autograd version; relative error of the prior's weight gradient against the
 exact float64 one; on VGG19BN the extra peak memory and the step-time ratio.
 
@@ -29,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill import prior_kernels  # noqa: E402
 from distill.callbacks.gmm_prior import GMMPrior  # noqa: E402
 from distill.module_utils import skip_idle_graph_capture_check  # noqa: E402
 from distill.priors import mixture_nll_grad  # noqa: E402
@@ -125,6 +127,12 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
         return time.perf_counter() - t
 
     fns = {"plain": plain, "prior": with_prior, "prior_aten": with_prior_aten}
+    if device.type == "cpu" and prior_kernels.team_size(cb.num_weights) > 1:
+        def prior_one_thread() -> None:  # the per-weight pass kept off torch's OpenMP team, for comparison
+            with prior_kernels.one_thread():
+                with_prior()
+
+        fns["prior_one_thread"] = prior_one_thread
     times: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():  # warm-up
         f()
@@ -149,6 +157,9 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
            "plain_ms": round(med["plain"], 3), "prior_ms": round(med["prior"], 3),
            "ratio": round(med["prior"] / med["plain"], 3), "prior_aten_ms": round(med["prior_aten"], 3),
            "ratio_aten": round(med["prior_aten"] / med["plain"], 3), "grad_rel_err": rel}
+    if "prior_one_thread" in med:
+        out["prior_one_thread_ms"] = round(med["prior_one_thread"], 3)
+        out["ratio_one_thread"] = round(med["prior_one_thread"] / med["plain"], 3)
     if naive:
         out["naive_ms"] = round(med["naive"], 3)
         out["naive_ratio"] = round(med["naive"] / med["plain"], 2)

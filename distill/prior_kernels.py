@@ -15,10 +15,12 @@ threads when torch uses more than one (:class:`TeamPass`, the reasons beside it)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,10 @@ except ImportError:  # pragma: no cover
     numba = None  # type: ignore[assignment]
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "bin_sums", "build_table", "component_terms", "host_pass", "team_size", "TeamPass", "usable"]
+__all__ = [
+    "AVAILABLE", "TeamPass", "bin_sums", "build_table", "component_terms", "host_pass", "one_thread", "team_size",
+    "usable",
+]
 
 
 def _jit(fn: Any) -> Any:
@@ -485,6 +490,19 @@ def _team() -> _Team | None:
         except (OSError, AttributeError):  # not loadable, or not exporting the GOMP entry points
             _TEAM = None
     return _TEAM  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Within this block the per-weight pass stays on the calling thread, as with ``DISTILL_PRIOR_TEAM=0`` (for
+    comparisons: ``benchmarks/bench_prior.py`` times the step both ways)."""
+    global _TEAM
+    saved = _TEAM
+    _TEAM = None
+    try:
+        yield
+    finally:
+        _TEAM = saved
 
 
 def team_size(n_weights: int) -> int:

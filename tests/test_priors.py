@@ -175,8 +175,13 @@ def test_pass_on_torchs_openmp_threads_is_identical_to_one_thread(torch_threads)
 
 
 def test_openmp_team_can_be_switched_off(monkeypatch: pytest.MonkeyPatch, torch_threads) -> None:  # type: ignore[no-untyped-def]
-    """``DISTILL_PRIOR_TEAM=0`` keeps the pass on one thread (it is read when the runtime is first looked for)."""
+    """``prior_kernels.one_thread()`` and ``DISTILL_PRIOR_TEAM=0`` (read when the runtime is first looked for) keep the
+    pass on one thread."""
     torch_threads(2)
+    found = prior_kernels.team_size(1 << 20)
+    with prior_kernels.one_thread():
+        assert prior_kernels.team_size(1 << 20) == 1
+    assert prior_kernels.team_size(1 << 20) == found  # restored
     monkeypatch.setattr(prior_kernels, "_TEAM", False)
     monkeypatch.setenv("DISTILL_PRIOR_TEAM", "0")
     assert prior_kernels.team_size(1 << 20) == 1
