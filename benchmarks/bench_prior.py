@@ -4,7 +4,7 @@ Side by side, interleaved in one run: a plain training step (forward, backward, 
 the prior as ``GMMPrior`` applies it (tabulated gradient added to ``.grad``, mixture gradients, mixture Adam step),
 with its fused numba kernels (``prior``, the default on a CPU) and as ATen ops only (``prior_aten``, ``kernel="torch"``,
 what runs on CUDA), and with more than one torch thread the fused prior with its per-weight pass kept on one thread
-(``prior_one_thread``; by default it runs on torch's OpenMP team);
+(``prior_one_thread``; by default it runs on torch's OpenMP team), and the table's build alone both ways;
 then, separately, the naive ``N x (J+1)`` autograd version; relative error of the prior's weight gradient against the
 exact float64 one; on VGG19BN the extra peak memory and the step-time ratio.
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill import prior_kernels  # noqa: E402
 from distill.callbacks.gmm_prior import GMMPrior  # noqa: E402
 from distill.module_utils import skip_idle_graph_capture_check  # noqa: E402
-from distill.priors import mixture_nll_grad  # noqa: E402
+from distill.priors import MixtureTable, mixture_nll_grad  # noqa: E402
 from models.lenet import LeNet5Caffe, LeNet300100  # noqa: E402
 from models.vgg import VGG19BN  # noqa: E402
 
@@ -157,12 +157,43 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
            "plain_ms": round(med["plain"], 3), "prior_ms": round(med["prior"], 3),
            "ratio": round(med["prior"] / med["plain"], 3), "prior_aten_ms": round(med["prior_aten"], 3),
            "ratio_aten": round(med["prior_aten"] / med["plain"], 3), "grad_rel_err": rel}
+    if device.type == "cpu":
+        out.update(table_build_times(cb, weights, reps))
     if "prior_one_thread" in med:
         out["prior_one_thread_ms"] = round(med["prior_one_thread"], 3)
         out["ratio_one_thread"] = round(med["prior_one_thread"] / med["plain"], 3)
     if naive:
         out["naive_ms"] = round(med["naive"], 3)
         out["naive_ratio"] = round(med["naive"] / med["plain"], 2)
+    return out
+
+
+def table_build_times(cb: GMMPrior, weights: list[nn.Parameter], reps: int) -> dict[str, Any]:
+    """Building the table alone for the current mixture and weights (microseconds, median), interleaved: as the
+    callback builds it and, with more than one torch thread, kept on one thread."""
+    m, lp, lpi = cb.mixture.host_mixture()
+    lo = min(float(p.detach().min()) for p in weights)
+    hi = max(float(p.detach().max()) for p in weights)
+    workspace: dict[str, Any] = {}
+
+    def build() -> MixtureTable:
+        return MixtureTable(m, lp, lpi, lo, hi, spacing=cb.grid_spacing, workspace=workspace)
+
+    def build_one_thread() -> None:
+        with prior_kernels.one_thread():
+            build()
+
+    fns: dict[str, Any] = {"table_build_us": build}
+    if prior_kernels.build_team_size(build().size, len(m)) > 1:
+        fns["table_build_one_thread_us"] = build_one_thread
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(reps, 30)):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    out: dict[str, Any] = {"table_points": build().size}
+    out.update({k: round(sorted(v)[len(v) // 2] * 1e6, 1) for k, v in times.items()})
     return out
 
 

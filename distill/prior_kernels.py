@@ -9,8 +9,9 @@ kernel of about the same speed after ~40 s of compilation per process, and a C++
 time. numba compiles these loops in 1-2 s, once (cached on disk), and is optional: without it, or for tensors that are
 not contiguous float32 on the CPU, :class:`~distill.priors.MixtureTable` runs the same algorithm as ATen ops.
 
-The kernels are single-threaded and release the GIL; the per-weight pass also runs split over torch's own OpenMP
-threads when torch uses more than one (:class:`TeamPass`, the reasons beside it).
+The kernels are single-threaded and release the GIL; the per-weight pass and the build of a big table also run split
+over torch's own OpenMP threads when torch uses more than one (:class:`TeamPass`, :func:`build_table`; the reasons
+beside them).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ except ImportError:  # pragma: no cover
     AVAILABLE = False
 
 __all__ = [
-    "AVAILABLE", "TeamPass", "bin_sums", "build_table", "component_terms", "host_pass", "one_thread", "team_size",
+    "AVAILABLE", "TeamPass", "bin_sums", "build_table", "build_team_size", "component_terms", "host_pass", "one_thread",
+    "team_size",
     "usable",
 ]
 
@@ -68,7 +70,7 @@ _DRIFT = 300.0  # the most a component's log term may change over a run (float64
 @_jit_fast
 def _build_kernel(
     means: np.ndarray, prec: np.ndarray, const: np.ndarray, lo: float, h: float, subbins: int,
-    table: np.ndarray, stats: np.ndarray,
+    table: np.ndarray, stats: np.ndarray, k_start: int, k_end: int, work: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     # On a uniform grid each Gaussian term follows a recurrence: with d = x - mu and e(x) = exp(log pi + log N(x)),
     # e(x + h) = e(x) * rho(x) and rho(x + h) = rho(x) * q, rho(x) = exp(-p h d - p h^2 / 2), q = exp(-p h^2): two
@@ -78,18 +80,23 @@ def _build_kernel(
     # log changes by more than _DRIFT along it, so nothing overflows and the rounding drift stays ~1e-14 relative.
     # The log of each point's sum is left to _bin_kernel, which needs it only where weights lie (a third of the points
     # of that trained mixture).
+    # Grid points k_start <= k < k_end are written (the table's cells among them), computing one more point for the
+    # last cell's right end. Runs never cross a multiple of _RUN, so a range starting at one is computed exactly as in
+    # the whole grid: the team's threads (_team_build_worker) write what one thread would, bit for bit.
+    # work: scratch of at least 3 (J+1) + (k_end - k_start + 1) float64 (no allocation: it also runs in a cfunc).
     n = stats.shape[0]
     k1 = means.shape[0]
-    e = np.empty(k1)
-    rho = np.empty(k1)
-    q = np.empty(k1)
-    g = np.empty(n)
+    e = work[:k1]
+    rho = work[k1 : 2 * k1]
+    q = work[2 * k1 : 3 * k1]
+    g = work[3 * k1 :]
+    last = min(k_end + 1, n)
     for j in range(k1):
         q[j] = math.exp(-prec[j] * h * h)
-    k = 0
-    while k < n:
+    k = k_start
+    while k < last:
         x0 = lo + k * h
-        run = _RUN
+        run = _RUN - k % _RUN
         for j in range(k1):
             a = prec[j] * h * abs(x0 - means[j])
             c = 0.5 * prec[j] * h * h
@@ -106,29 +113,33 @@ def _build_kernel(
             e[j] = math.exp(v) if v > -700.0 else 0.0
             # within +-700 whatever the run (a run of one point never uses it; longer ones keep it within +-_DRIFT)
             rho[j] = math.exp(min(max(-prec[j] * h * (x0 - means[j]) - 0.5 * prec[j] * h * h, -700.0), 700.0))
-        end = min(k + run, n)
+        end = min(k + run, last)
         for kk in range(k, end):
             x = lo + kk * h
             s = 0.0
             for j in range(k1):
                 s += e[j]
             inv = 1.0 / s
-            stats[kk, 0] = mx
-            stats[kk, 1] = s
+            keep = kk < k_end
+            if keep:
+                stats[kk, 0] = mx
+                stats[kk, 1] = s
             gk = 0.0
             for j in range(k1):
                 r = e[j] * inv
                 r = r if r > 1.1e-16 else 0.0  # below 2^-53 of the sum: lost in it; zeros are skipped when summing
-                stats[kk, 2 + j] = r  # r d and r d^2 are formed in _bin_kernel: a third of the memory traffic
+                if keep:
+                    stats[kk, 2 + j] = r  # r d and r d^2 are formed in _bin_kernel: a third of the memory traffic
                 gk += r * (x - means[j]) * prec[j]
                 e[j] *= rho[j]
                 rho[j] *= q[j]
-            g[kk] = gk
+            g[kk - k_start] = gk
         k = end
-    for k in range(n - 1):
-        slope = (g[k + 1] - g[k]) / subbins
+    for k in range(k_start, min(k_end, n - 1)):
+        gk = g[k - k_start]
+        slope = (g[k + 1 - k_start] - gk) / subbins
         for s_ in range(subbins):
-            table[k * subbins + s_, 0] = g[k] + s_ * slope
+            table[k * subbins + s_, 0] = gk + s_ * slope
             table[k * subbins + s_, 1] = slope
 
 
@@ -167,6 +178,10 @@ def build_table(
         forms ``-log p``, ``r_j d_j`` and ``r_j d_j^2`` from them where weights lie). Written into ``out`` (flat
         float32 and float64 buffers at least that long, kept by the caller: fresh megabyte-sized arrays every step
         cost page faults) when given.
+
+    A grid of at least ``_TEAM_MIN_TABLE`` points x components (a trained mixture's narrow components ask for 10k+
+    points) is built in runs of ``_RUN`` points split over torch's OpenMP threads (:func:`build_team_size`; the
+    reasons beside :class:`TeamPass`), giving the same numbers bit for bit.
     """
     k1 = means.shape[0]
     if out is None:
@@ -175,7 +190,12 @@ def build_table(
     else:
         table = out[0][: (size - 1) * subbins * 2].reshape(-1, 2)
         stats = out[1][: size * (2 + k1)].reshape(size, 2 + k1)
-    _build_kernel(means, prec, const, float(lo), float(h), int(subbins), table, stats)
+    threads = build_team_size(size, k1)
+    if threads > 1:
+        _team_build(threads, means, prec, const, float(lo), float(h), int(subbins), table, stats)
+    else:
+        work = np.empty(3 * k1 + size + 1)
+        _build_kernel(means, prec, const, float(lo), float(h), int(subbins), table, stats, 0, size, work)
     return torch.from_numpy(table), torch.from_numpy(stats)
 
 
@@ -341,6 +361,7 @@ if AVAILABLE:  # pragma: no branch
     _as_i32 = _intrinsic(_address_intrinsic(_nt.int32))
     _as_f32 = _intrinsic(_address_intrinsic(_nt.float32))
     _as_c64 = _intrinsic(_address_intrinsic(_nt.complex64))
+    _as_f64 = _intrinsic(_address_intrinsic(_nt.float64))
 
     @_intrinsic
     def _call_int_fn(typingctx: Any, addr: Any) -> Any:
@@ -353,6 +374,17 @@ if AVAILABLE:  # pragma: no branch
 
         return sig, codegen
 
+    @numba.njit(cache=True, nogil=True)
+    def _thread_share(a: np.ndarray, slot: int) -> tuple[int, int]:  # pragma: no cover - compiled
+        """``(this thread's number, threads sharing the work)`` in a parallel region; ``a[slot]``, ``a[slot + 1]``: the
+        addresses of ``omp_get_thread_num``, ``omp_get_num_threads``; ``a[slot + 2]``: the threads asked for (rows of
+        scratch); ``a[0]`` receives the team's size."""
+        t = np.int64(_call_int_fn(a[slot]))  # type: ignore[call-arg]
+        team = np.int64(_call_int_fn(a[slot + 1]))
+        if t == 0:
+            a[0] = team
+        return t, min(team, a[slot + 2])
+
     @numba.cfunc(_nt.void(_nt.voidptr), cache=True, error_model="numpy")
     def _team_worker(data: Any) -> None:  # pragma: no cover - compiled, runs on the OpenMP threads
         # argument block: 0 team size (out), 1 tensors, 2/3/4 addresses of the weight pointers, gradient pointers and
@@ -360,11 +392,7 @@ if AVAILABLE:  # pragma: no branch
         # scratch (cells, fractions), 11 float32 constants (u_scale, u_offset, u_max, alpha), 12/13 the addresses of
         # omp_get_thread_num/omp_get_num_threads, 14 rows available
         a = numba.carray(_as_i64(data), (_ARGS,))  # type: ignore[call-arg]
-        t = np.int64(_call_int_fn(a[12]))
-        team = np.int64(_call_int_fn(a[13]))
-        if t == 0:
-            a[0] = team
-        parts = min(team, a[14])
+        t, parts = _thread_share(a, 12)
         if t >= parts:
             return
         nt = a[1]
@@ -390,6 +418,28 @@ if AVAILABLE:  # pragma: no branch
                 _positions(w[s:e], cell[:m], frac[:m], c[0], c[1], c[2])
                 _gather_count(g[s:e], cell[:m], frac[:m], table, counts, c[3])
 
+    @numba.cfunc(_nt.void(_nt.voidptr), cache=True, error_model="numpy")
+    def _team_build_worker(data: Any) -> None:  # pragma: no cover - compiled, runs on the OpenMP threads
+        # argument block: 0 team size (out), 1/2/3 means, precisions, constants (float64), 4 components, 5 (lo, h)
+        # (float64), 6 subbins, 7/8 table address and rows, 9 stats address, 10 grid points, 11/12 per-thread scratch
+        # address and length (float64), 13/14 omp_get_thread_num/omp_get_num_threads, 15 threads asked for
+        a = numba.carray(_as_i64(data), (_ARGS,))  # type: ignore[call-arg]
+        t, parts = _thread_share(a, 13)
+        k1 = a[4]
+        n = a[10]
+        blocks = (n + _RUN - 1) // _RUN
+        k_start = blocks * t // parts * _RUN
+        k_end = min(blocks * (t + 1) // parts * _RUN, n)
+        if t >= parts or k_start >= k_end:
+            return
+        means = numba.carray(_as_f64(a[1]), (k1,))
+        prec = numba.carray(_as_f64(a[2]), (k1,))
+        const = numba.carray(_as_f64(a[3]), (k1,))
+        lh = numba.carray(_as_f64(a[5]), (2,))
+        table = numba.carray(_as_f32(a[7]), (a[8], 2))
+        stats = numba.carray(_as_f64(a[9]), (n, 2 + k1))
+        work = numba.carray(_as_f64(a[11] + t * a[12] * 8), (a[12],))
+        _build_kernel(means, prec, const, lh[0], lh[1], a[6], table, stats, k_start, k_end, work)
 
     @_intrinsic
     def _call_gomp_parallel(typingctx: Any, fn: Any, worker: Any, data: Any, threads: Any) -> Any:
@@ -452,9 +502,14 @@ class _Team:
     def __init__(self, path: str) -> None:
         lib = ctypes.CDLL(path)
         self.path = path
-        self.parallel_address = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
-        self.thread_num = ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value
-        self.num_threads = ctypes.cast(lib.omp_get_num_threads, ctypes.c_void_p).value
+        self.parallel = lib.GOMP_parallel
+        self.parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        self.parallel.restype = None
+        addresses = [ctypes.cast(f, ctypes.c_void_p).value or 0
+                     for f in (lib.GOMP_parallel, lib.omp_get_thread_num, lib.omp_get_num_threads)]
+        if not all(addresses):
+            raise OSError(f"{path}: no address for GOMP_parallel / omp_get_thread_num / omp_get_num_threads")
+        self.parallel_address, self.thread_num, self.num_threads = addresses
 
 
 _TEAM: _Team | None | bool = False  # False: not looked for yet
@@ -490,6 +545,38 @@ def _team() -> _Team | None:
         except (OSError, AttributeError):  # not loadable, or not exporting the GOMP entry points
             _TEAM = None
     return _TEAM  # type: ignore[return-value]
+
+
+_TEAM_MIN_TABLE = 1 << 16  # grid points x components below which the table is built on one thread
+
+
+def build_team_size(size: int, components: int) -> int:
+    """How many of torch's threads :func:`build_table` splits a grid of ``size`` points over (1: one thread)."""
+    threads = torch.get_num_threads()
+    if threads < 2 or size * components < _TEAM_MIN_TABLE or _team() is None:
+        return 1
+    return threads
+
+
+def _team_build(
+    threads: int, means: np.ndarray, prec: np.ndarray, const: np.ndarray, lo: float, h: float, subbins: int,
+    table: np.ndarray, stats: np.ndarray,
+) -> None:
+    """:func:`_build_kernel` over the whole grid, split in runs of ``_RUN`` points over torch's OpenMP threads."""
+    team = _team()
+    assert team is not None
+    means, prec, const = (np.ascontiguousarray(v, dtype=np.float64) for v in (means, prec, const))
+    k1 = means.shape[0]
+    n = stats.shape[0]
+    blocks = -(-n // _RUN)
+    stride = 3 * k1 + (-(-blocks // threads)) * _RUN + 1
+    work = np.empty(threads * stride)
+    lh = np.array([lo, h])
+    args = np.zeros(_ARGS, dtype=np.int64)
+    args[1:] = (means.ctypes.data, prec.ctypes.data, const.ctypes.data, k1, lh.ctypes.data, subbins,
+                table.ctypes.data, table.shape[0], stats.ctypes.data, n, work.ctypes.data, stride,
+                team.thread_num, team.num_threads, threads)
+    team.parallel(_team_build_worker.address, args.ctypes.data, threads, 0)  # ctypes releases the GIL meanwhile
 
 
 @contextlib.contextmanager

@@ -245,7 +245,8 @@ class MixtureTable:
 
     On a CPU with numba installed (``kernel="auto"``), building the table, the per-weight pass and the binned sums
     run as fused loops (:mod:`distill.prior_kernels`): one pass over the weights instead of about ten, split over
-    torch's own OpenMP threads when it runs more than one (:class:`~distill.prior_kernels.TeamPass`); elsewhere (CUDA,
+    torch's own OpenMP threads when it runs more than one (:class:`~distill.prior_kernels.TeamPass`; a table of more
+    than ~4k points is built that way too, bit for bit as on one thread); elsewhere (CUDA,
     16-bit weights, ``kernel="torch"``) the same algorithm runs as plain ATen ops.
 
     Args:

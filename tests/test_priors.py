@@ -174,6 +174,26 @@ def test_pass_on_torchs_openmp_threads_is_identical_to_one_thread(torch_threads)
                 assert np.array_equal(a, b)
 
 
+@pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("size", [4000, 4097, 12_289])
+def test_table_build_on_torchs_openmp_threads_is_identical_to_one_thread(torch_threads, size: int) -> None:  # type: ignore[no-untyped-def]
+    """A grid big enough is built split over torch's threads (runs of 64 points each, anchored as on one thread):
+    table and statistics equal the one-thread build bit for bit, with 2 and 3 threads."""
+    torch_threads(2)
+    if prior_kernels.build_team_size(size, 17) == 1:
+        pytest.skip("no OpenMP team of torch's here (see the per-weight pass test)")
+    means, lp, lpi = _mixture(j=16, narrow=0.002)
+    prec = lp.exp()
+    const = lpi + 0.5 * lp - 0.5 * float(np.log(2 * np.pi))
+    args = [a.numpy() for a in (means, prec, const)]
+    built = {}
+    for threads in (1, 2, 3):
+        torch_threads(threads)
+        built[threads] = prior_kernels.build_table(*args, -0.9, 1.7 / (size - 1), size, 4)
+    for threads in (2, 3):
+        assert torch.equal(built[threads][0], built[1][0]) and torch.equal(built[threads][1], built[1][1])
+
+
 def test_openmp_team_can_be_switched_off(monkeypatch: pytest.MonkeyPatch, torch_threads) -> None:  # type: ignore[no-untyped-def]
     """``prior_kernels.one_thread()`` and ``DISTILL_PRIOR_TEAM=0`` (read when the runtime is first looked for) keep the
     pass on one thread."""
@@ -209,7 +229,8 @@ def test_table_build_matches_exact_evaluation(narrow: float, size: int, compiled
         table, stats = prior_kernels.build_table(*args, lo, h, size, 4)
     else:
         table, stats = torch.empty((size - 1) * 4, 2), torch.empty(size, 2 + len(means), dtype=torch.float64)
-        prior_kernels._build_kernel.py_func(*args, lo, h, 4, table.numpy(), stats.numpy())
+        work = np.empty(3 * len(means) + size + 1)
+        prior_kernels._build_kernel.py_func(*args, lo, h, 4, table.numpy(), stats.numpy(), 0, size, work)
     x = lo + h * torch.arange(size, dtype=torch.float64)
     log_joint = const + (-0.5) * prec * (x[:, None] - means) ** 2
     log_p = log_joint.logsumexp(-1)

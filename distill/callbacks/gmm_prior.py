@@ -192,8 +192,8 @@ class GMMPrior(Callback):
         grid_spacing: table spacing in units of the smallest component std (error ~ spacing^2, see ``MixtureTable``).
         kernel: ``"auto"`` (the table's fused CPU loops when numba is installed and the weights are CPU float32,
             else ATen ops) or ``"torch"`` (ATen ops only; same algorithm and results within float32 rounding). With
-            ``torch.get_num_threads() > 1`` on Linux the fused per-weight pass runs on torch's own OpenMP threads
-            (identical results; ``DISTILL_PRIOR_TEAM=0`` keeps it on one).
+            ``torch.get_num_threads() > 1`` on Linux the fused per-weight pass (and a big table's build) runs on torch's
+            own OpenMP threads (identical results; ``DISTILL_PRIOR_TEAM=0`` keeps them on one).
         merge_threshold: merge components closer than this (symmetric KL, or mean distance) before quantizing.
         merge_criterion: ``"kl"`` or ``"mean"``.
         quantize_on_end: quantize the weights at the end of training.
