@@ -21,6 +21,7 @@ import ctypes
 import math
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -548,6 +549,7 @@ def _team() -> _Team | None:
 
 
 _TEAM_MIN_TABLE = 1 << 16  # grid points x components below which the table is built on one thread
+_BUILD_SCRATCH = threading.local()  # _team_build's scratch, per calling thread
 
 
 def build_team_size(size: int, components: int) -> int:
@@ -568,9 +570,12 @@ def _team_build(
     means, prec, const = (np.ascontiguousarray(v, dtype=np.float64) for v in (means, prec, const))
     k1 = means.shape[0]
     n = stats.shape[0]
-    blocks = -(-n // _RUN)
-    stride = 3 * k1 + (-(-blocks // threads)) * _RUN + 1
-    work = np.empty(threads * stride)
+    # per-thread scratch long enough for the whole grid: a team smaller than asked for gives each thread more of it
+    stride = 3 * k1 + n + 1
+    scratch = getattr(_BUILD_SCRATCH, "work", None)
+    if scratch is None or scratch.shape[0] < threads * stride:
+        scratch = _BUILD_SCRATCH.work = np.empty(threads * stride)  # kept: fresh 100 kB arrays cost page faults
+    work = scratch
     lh = np.array([lo, h])
     args = np.zeros(_ARGS, dtype=np.int64)
     args[1:] = (means.ctypes.data, prec.ctypes.data, const.ctypes.data, k1, lh.ctypes.data, subbins,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -192,6 +193,48 @@ def test_table_build_on_torchs_openmp_threads_is_identical_to_one_thread(torch_t
         built[threads] = prior_kernels.build_table(*args, -0.9, 1.7 / (size - 1), size, 4)
     for threads in (2, 3):
         assert torch.equal(built[threads][0], built[1][0]) and torch.equal(built[threads][1], built[1][1])
+
+
+_SMALL_TEAM_SCRIPT = """
+import numpy as np, torch
+from distill import prior_kernels
+from distill.priors import MixtureTable
+torch.set_num_threads(2)
+assert prior_kernels.team_size(1 << 20) == 2 and prior_kernels.build_team_size(20_000, 17) == 2
+rng = np.random.default_rng(0)
+means = np.sort(rng.normal(0, 0.1, 17)); means[0] = 0
+lp, lpi = np.full(17, 2 * np.log(1 / 0.002)), np.log(np.full(17, 1 / 17))
+ws = tuple(rng.normal(0, 0.1, n).astype(np.float32) for n in (70_001, 5))
+out = []
+for one in (False, True):
+    gs = tuple(np.full_like(w, 0.5) for w in ws)
+    if one:
+        with prior_kernels.one_thread():
+            table = MixtureTable(means, lp, lpi, -0.4, 0.4)
+            res = table.accumulate_all_host(ws, gs, 0.3)
+    else:
+        table = MixtureTable(means, lp, lpi, -0.4, 0.4)
+        res = table.accumulate_all_host(ws, gs, 0.3)
+    out.append((table.size, table.stats.numpy().copy(), np.concatenate(gs), [np.asarray(r) for r in res]))
+(n1, s1, g1, r1), (n2, s2, g2, r2) = out
+assert n1 == n2 > 4000 and np.array_equal(s1, s2) and np.array_equal(g1, g2)
+assert all(np.array_equal(a, b) for a, b in zip(r1, r2))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not prior_kernels.AVAILABLE or not sys.platform.startswith("linux"), reason="numba, Linux")
+def test_team_smaller_than_asked_for_gives_the_same_results() -> None:
+    """With ``OMP_THREAD_LIMIT=1`` the runtime hands the 2 threads asked for a team of one: that thread then takes
+    all of the work (with scratch for all of it) and the results equal the one-thread path's."""
+    import subprocess
+
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not run on an OpenMP runtime here")
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    done = subprocess.run([sys.executable, "-c", _SMALL_TEAM_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_openmp_team_can_be_switched_off(monkeypatch: pytest.MonkeyPatch, torch_threads) -> None:  # type: ignore[no-untyped-def]
