@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -196,12 +197,20 @@ def _not_an_advert(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``distill`` and ``python -m distill``."""
-    args = list(sys.argv[1:] if argv is None else argv)
+def _quiet_third_party() -> None:
+    """What ``distill``'s output leaves out of Lightning's, none of it about the user's run: the advert above, and
+    torch's FutureWarning (2.14 here) about ``LeafSpec`` that Lightning 2.6's own pytree code triggers at every fit."""
     rank_zero_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _not_an_advert not in rank_zero_log.filters:
         rank_zero_log.addFilter(_not_an_advert)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"pytorch_lightning\.")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``distill`` and ``python -m distill``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _quiet_third_party()
     if args and args[0] in EXTRA_COMMANDS:
         code = _extra_command(args[0])(args[1:])
         raise SystemExit(code or 0)

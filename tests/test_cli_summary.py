@@ -72,3 +72,21 @@ def test_no_advert_for_lightnings_cloud_logger(
         _fit(["--trainer.max_epochs", "1"], capsys)
     assert "GPU available" in caplog.text  # Lightning's other messages still come through
     assert "Tip:" not in caplog.text + capsys.readouterr().err
+
+
+def test_lightnings_leafspec_future_warning_is_left_out() -> None:
+    """Lightning 2.6's pytree code makes torch warn about ``LeafSpec`` at every fit: ``distill`` leaves that one out,
+    not other warnings from Lightning or that message from elsewhere."""
+    import warnings
+
+    from distill.cli import _quiet_third_party
+
+    message = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and " \
+        "treespec.is_leaf()` instead."
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _quiet_third_party()
+        for text, module in ((message, "pytorch_lightning.utilities._pytree"),
+                             ("something else", "pytorch_lightning.x"), (message, "my_project.trees")):
+            warnings.warn_explicit(text, FutureWarning, "f.py", 1, module=module)
+    assert [(str(w.message), w.filename) for w in seen] == [("something else", "f.py"), (message, "f.py")]
