@@ -4,7 +4,8 @@ Side by side, interleaved in one run: a plain training step (forward, backward, 
 the prior as ``GMMPrior`` applies it (tabulated gradient added to ``.grad``, mixture gradients, mixture Adam step),
 with its fused numba kernels (``prior``, the default on a CPU) and as ATen ops only (``prior_aten``, ``kernel="torch"``,
 what runs on CUDA), and with more than one torch thread the fused prior with its per-weight pass kept on one thread
-(``prior_one_thread``; by default it runs on torch's OpenMP team), and the table's build alone both ways;
+(``prior_one_thread``; by default it runs on torch's OpenMP team), the table's build alone both ways, and the
+weights' ranges right after a backward pass (torch's ``aminmax``, as the callback does, and NumPy);
 then, separately, the naive ``N x (J+1)`` autograd version; relative error of the prior's weight gradient against the
 exact float64 one; on VGG19BN the extra peak memory and the step-time ratio.
 
@@ -159,6 +160,7 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
            "ratio_aten": round(med["prior_aten"] / med["plain"], 3), "grad_rel_err": rel}
     if device.type == "cpu":
         out.update(table_build_times(cb, weights, reps))
+        out.update(weight_range_times(weights, lambda: F.cross_entropy(model(x), y).backward(), reps))
     if "prior_one_thread" in med:
         out["prior_one_thread_ms"] = round(med["prior_one_thread"], 3)
         out["ratio_one_thread"] = round(med["prior_one_thread"] / med["plain"], 3)
@@ -166,6 +168,28 @@ def bench(name: str, model: nn.Module, batch: int, in_shape: tuple[int, ...], de
         out["naive_ms"] = round(med["naive"], 3)
         out["naive_ratio"] = round(med["naive"] / med["plain"], 2)
     return out
+
+
+def weight_range_times(weights: list[nn.Parameter], backward: Any, reps: int) -> dict[str, Any]:
+    """The weights' ``(min, max)`` right after a backward pass (where the prior computes them), microseconds, median,
+    alternately as ``GMMPrior`` does it (torch's one-pass ``aminmax``) and with NumPy's ``min()`` and ``max()``."""
+    arrays = [p.detach().numpy().reshape(-1) for p in weights]
+
+    def with_numpy() -> None:
+        for a in arrays:
+            float(a.min()), float(a.max())
+
+    def with_torch() -> None:
+        GMMPrior._weight_ranges(weights, arrays)
+
+    times: dict[str, list[float]] = {"ranges_torch_us": [], "ranges_numpy_us": []}
+    for i in range(2 * max(reps, 100)):
+        backward()
+        key, f = ("ranges_torch_us", with_torch) if i % 2 else ("ranges_numpy_us", with_numpy)
+        t = time.perf_counter()
+        f()
+        times[key].append(time.perf_counter() - t)
+    return {k: round(sorted(v)[len(v) // 2] * 1e6, 1) for k, v in times.items()}
 
 
 def table_build_times(cb: GMMPrior, weights: list[nn.Parameter], reps: int) -> dict[str, Any]:

@@ -489,8 +489,15 @@ class GMMPrior(Callback):
     def _weight_ranges(params: list[nn.Parameter], arrays: list[np.ndarray] | None = None
                        ) -> list[tuple[float, float]]:
         """``(min, max)`` of each compressed tensor (a non-finite value makes them non-finite), one host sync."""
-        if arrays is not None:  # NumPy's reductions: no dispatch, NaN propagates
-            return [(float(a.min()), float(a.max())) for a in arrays]
+        if arrays is not None:
+            # CPU float32: torch's one-pass aminmax on its own threads. Right after the backward pass, where this
+            # runs, NumPy's two passes (min, then max) took ~1.5x as long on LeNet-300-100 and LeNet5Caffe
+            # (BENCHMARKS.md, session 15). NaN and inf propagate through both.
+            out = []
+            for p in params:
+                lo, hi = torch.aminmax(p.detach())
+                out.append((lo.item(), hi.item()))
+            return out
         checks = torch.cat([torch.stack(torch.aminmax(p.detach().float())) for p in params]).tolist()
         return list(zip(checks[0::2], checks[1::2], strict=True))
 
