@@ -180,7 +180,7 @@ def weight_range_times(weights: list[nn.Parameter], backward: Any, reps: int) ->
             float(a.min()), float(a.max())
 
     def with_torch() -> None:
-        GMMPrior._weight_ranges(weights, arrays)
+        GMMPrior._weight_ranges(weights, on_cpu=True)
 
     times: dict[str, list[float]] = {"ranges_torch_us": [], "ranges_numpy_us": []}
     for i in range(2 * max(reps, 5)):  # reps: 30-60 on the LeNets, 3 on VGG19BN (a backward each)

@@ -38,8 +38,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "AVAILABLE", "TeamPass", "bin_sums", "build_table", "build_team_size", "component_terms", "host_pass", "one_thread",
-    "team_size",
-    "usable",
+    "team_size", "usable",
 ]
 
 
@@ -531,7 +530,7 @@ def _omp_runtime_path() -> str | None:
     names = ("libgomp", "libiomp5", "libomp")
     found = sorted(p for p in paths if os.path.basename(p).startswith(names) and ".so" in os.path.basename(p))
     torch_root = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
-    own = [p for p in found if p.startswith(os.path.join(torch_root, "torch")) and "numba" not in p]
+    own = [p for p in found if p.startswith(os.path.join(torch_root, "torch"))]  # torch/lib or torch.libs
     if len(own) == 1:
         return own[0]
     return found[0] if len(found) == 1 else None
@@ -552,12 +551,17 @@ _TEAM_MIN_TABLE = 1 << 16  # grid points x components below which the table is b
 _BUILD_SCRATCH = threading.local()  # _team_build's scratch, per calling thread
 
 
-def build_team_size(size: int, components: int) -> int:
-    """How many of torch's threads :func:`build_table` splits a grid of ``size`` points over (1: one thread)."""
+def _threads_for(work: int, minimum: int) -> int:
+    """torch's thread count when there is a team of torch's to run ``work`` units on and ``work >= minimum``, else 1."""
     threads = torch.get_num_threads()
-    if threads < 2 or size * components < _TEAM_MIN_TABLE or _team() is None:
+    if threads < 2 or work < minimum or _team() is None:
         return 1
     return threads
+
+
+def build_team_size(size: int, components: int) -> int:
+    """How many of torch's threads :func:`build_table` splits a grid of ``size`` points over (1: one thread)."""
+    return _threads_for(size * components, _TEAM_MIN_TABLE)
 
 
 def _team_build(
@@ -572,10 +576,9 @@ def _team_build(
     n = stats.shape[0]
     # per-thread scratch long enough for the whole grid: a team smaller than asked for gives each thread more of it
     stride = 3 * k1 + n + 1
-    scratch = getattr(_BUILD_SCRATCH, "work", None)
-    if scratch is None or scratch.shape[0] < threads * stride:
-        scratch = _BUILD_SCRATCH.work = np.empty(threads * stride)  # kept: fresh 100 kB arrays cost page faults
-    work = scratch
+    work = getattr(_BUILD_SCRATCH, "work", None)
+    if work is None or work.shape[0] < threads * stride:
+        work = _BUILD_SCRATCH.work = np.empty(threads * stride)  # kept: fresh 100 kB arrays cost page faults
     lh = np.array([lo, h])
     args = np.zeros(_ARGS, dtype=np.int64)
     args[1:] = (means.ctypes.data, prec.ctypes.data, const.ctypes.data, k1, lh.ctypes.data, subbins,
@@ -599,10 +602,7 @@ def one_thread() -> Iterator[None]:
 
 def team_size(n_weights: int) -> int:
     """How many of torch's threads :class:`TeamPass` would split ``n_weights`` over (1: run :func:`host_pass`)."""
-    threads = torch.get_num_threads()
-    if threads < 2 or n_weights < _TEAM_MIN_WEIGHTS or _team() is None:
-        return 1
-    return threads
+    return _threads_for(n_weights, _TEAM_MIN_WEIGHTS)
 
 
 class TeamPass:

@@ -475,13 +475,10 @@ class MixtureTable:
                 team = self.workspace["team_pass"] = self._kernels.TeamPass()
             counts, tot, spread = team.run(threads, ws, grads, self._table_host, self.n_fine, self._u_consts, alpha,
                                            self.subbins, self.stats.numpy(), self._means, self.lo, self.h)
-            self.fine_counts = torch.from_numpy(counts)
-            self._counts_host = counts
-            self._counted = counted
-            return self._grads_from_sums(tot, spread, self.prec.numpy())  # type: ignore[no-any-return]
-        counts = self._host_scratch("counts", self.n_fine, np.int32)[: self.n_fine]
-        tot, spread = self._kernels.host_pass(ws, grads, self._table_host, counts, self._u_consts, alpha,
-                                              self.subbins, self.stats.numpy(), self._means, self.lo, self.h)
+        else:
+            counts = self._host_scratch("counts", self.n_fine, np.int32)[: self.n_fine]
+            tot, spread = self._kernels.host_pass(ws, grads, self._table_host, counts, self._u_consts, alpha,
+                                                  self.subbins, self.stats.numpy(), self._means, self.lo, self.h)
         self.fine_counts = torch.from_numpy(counts)
         self._counts_host = counts
         self._counted = counted

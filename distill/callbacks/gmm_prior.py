@@ -486,11 +486,11 @@ class GMMPrior(Callback):
         return None
 
     @staticmethod
-    def _weight_ranges(params: list[nn.Parameter], arrays: list[np.ndarray] | None = None
-                       ) -> list[tuple[float, float]]:
-        """``(min, max)`` of each compressed tensor (a non-finite value makes them non-finite), one host sync."""
-        if arrays is not None:
-            # CPU float32: torch's one-pass aminmax on its own threads. Right after the backward pass, where this
+    def _weight_ranges(params: list[nn.Parameter], on_cpu: bool = False) -> list[tuple[float, float]]:
+        """``(min, max)`` of each compressed tensor (a non-finite value makes them non-finite); one host sync, or on
+        the CPU (``on_cpu``: all of them CPU tensors) one cheap ``.item()`` per value."""
+        if on_cpu:
+            # torch's one-pass aminmax on its own threads. Right after the backward pass, where this
             # runs, NumPy's two passes (min, then max) took ~1.5x as long on LeNet-300-100 and LeNet5Caffe
             # (BENCHMARKS.md, session 15). NaN and inf propagate through both.
             out = []
@@ -519,7 +519,7 @@ class GMMPrior(Callback):
                     self._check_finite(f"mixture parameter {name!r}", q.detach(), step)
                 raise FloatingPointError(f"GMMPrior: non-finite mixing weights at global step {step}")
             arrays = self._host_arrays(params)
-            ranges = self._weight_ranges(params, arrays)
+            ranges = self._weight_ranges(params, on_cpu=arrays is not None)
             for name, (lo_, hi_) in zip(self._params, ranges, strict=True):
                 if not (math.isfinite(lo_) and math.isfinite(hi_)):
                     raise FloatingPointError(f"GMMPrior: non-finite value in parameter {name!r} at global step {step}")
