@@ -37,8 +37,8 @@ except ImportError:  # pragma: no cover
     AVAILABLE = False
 
 __all__ = [
-    "AVAILABLE", "TeamPass", "bin_sums", "build_table", "build_team_size", "component_terms", "host_pass", "one_thread",
-    "team_size", "usable",
+    "AVAILABLE", "TeamPass", "bin_sums", "blocks", "build_table", "build_team_size", "component_terms", "host_pass",
+    "one_thread", "point_stats", "stats_length", "team_size", "usable", "work_length",
 ]
 
 
@@ -63,14 +63,55 @@ def usable(*tensors: torch.Tensor) -> bool:
     )
 
 
-_RUN = 64  # most grid points between two exact evaluations of the mixture in _build_kernel
+_RUN = 64  # grid points per block: most points between two exact evaluations of the mixture in _build_kernel
 _DRIFT = 300.0  # the most a component's log term may change over a run (float64 holds e^+-700)
+_NEGLIGIBLE = 40.0  # a component whose log term stays this far below the largest over a block is left out there
+
+
+def work_length(components: int, points: int) -> int:
+    """float64 scratch :func:`_build_kernel` needs for ``points`` grid points of a mixture of ``components``."""
+    return 8 * components + points + 1
+
+
+def stats_length(size: int, components: int) -> int:
+    """float64 numbers :func:`build_table`'s compact statistics take for a grid of ``size`` points."""
+    return (size + _RUN - 1) // _RUN * _RUN * (2 + components)
+
+
+@_jit
+def _row(k: int, components: int, na: int) -> int:  # pragma: no cover - compiled
+    """Where grid point ``k``'s row (``2 + na`` numbers) starts in the flat statistics."""
+    block = k // _RUN
+    return block * _RUN * (2 + components) + (k - block * _RUN) * (2 + na)  # type: ignore[no-any-return]
+
+
+@_jit_fast
+def _block_active(
+    means: np.ndarray, prec: np.ndarray, const: np.ndarray, xa: float, xb: float, idx: np.ndarray
+) -> int:  # pragma: no cover - compiled
+    # The components that matter somewhere in [xa, xb]: component j's share of the mixture there is at most
+    # exp(max v_j - max_i min v_i) (v_j = log pi_j + log N(x | mu_j), concave: its minimum over the interval lies at an
+    # end), so those with a bound below e^-_NEGLIGIBLE (< 1.1e-16, where _build_kernel drops a share anyway) are left
+    # out. The component largest at any point of the interval is always kept. Returns how many, their indices in idx.
+    k1 = means.shape[0]
+    floor = -1e300
+    for j in range(k1):
+        da = xa - means[j]
+        db = xb - means[j]
+        floor = max(floor, const[j] - 0.5 * prec[j] * max(da * da, db * db))
+    na = 0
+    for j in range(k1):
+        d = 0.0 if xa <= means[j] <= xb else min(abs(xa - means[j]), abs(xb - means[j]))
+        if const[j] - 0.5 * prec[j] * d * d - floor > -_NEGLIGIBLE:
+            idx[na] = j
+            na += 1
+    return na
 
 
 @_jit_fast
 def _build_kernel(
     means: np.ndarray, prec: np.ndarray, const: np.ndarray, lo: float, h: float, subbins: int,
-    table: np.ndarray, stats: np.ndarray, k_start: int, k_end: int, work: np.ndarray,
+    table: np.ndarray, stats: np.ndarray, active: np.ndarray, k_start: int, k_end: int, work: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     # On a uniform grid each Gaussian term follows a recurrence: with d = x - mu and e(x) = exp(log pi + log N(x)),
     # e(x + h) = e(x) * rho(x) and rho(x + h) = rho(x) * q, rho(x) = exp(-p h d - p h^2 / 2), q = exp(-p h^2): two
@@ -78,61 +119,91 @@ def _build_kernel(
     # of the build: 1.1 ms on a trained LeNet-300-100 mixture of 12,417 points). The terms are re-anchored with exact
     # exps every run of at most _RUN points, scaled by the largest at the anchor; a run is shortened until no term's
     # log changes by more than _DRIFT along it, so nothing overflows and the rounding drift stays ~1e-14 relative.
-    # The log of each point's sum is left to _bin_kernel, which needs it only where weights lie (a third of the points
-    # of that trained mixture).
-    # Grid points k_start <= k < k_end are written (the table's cells among them), computing one more point for the
-    # last cell's right end. Runs never cross a multiple of _RUN, so a range starting at one is computed exactly as in
-    # the whole grid: the team's threads (_team_build_worker) write what one thread would, bit for bit.
-    # work: scratch of at least 3 (J+1) + (k_end - k_start + 1) float64 (no allocation: it also runs in a cfunc).
-    n = stats.shape[0]
+    # Only the components that matter in a block of _RUN points are carried (_block_active): a trained mixture's narrow
+    # components leave ~3 of 17 per point, and the build was the prior's largest cost there (BENCHMARKS.md, session 16).
+    # stats is flat and compact: block b's region starts at b * _RUN * (J+3) and holds, per point, m and s
+    # (log p = m + log s), then the responsibilities of the block's components in the order active[b, 1:] lists them
+    # (na = active[b, 0] of them): rows of 2 + na numbers (_row), the rest of the region never written, so that the
+    # memory written and read back is that of ~3 components, not J+1 (writing the dense rows was a third of the
+    # build's time on that mixture). The log of each point's sum is left to _bin_kernel, which needs it only where
+    # weights lie.
+    # Grid points k_start <= k < k_end are written (the table's cells among them, and the lists of the blocks they
+    # start), computing one more point for the last cell's right end. Runs never cross a block, so a range starting at
+    # a block is computed exactly as in the whole grid: the team's threads (_team_build_worker) write what one thread
+    # would, bit for bit.
+    # work: work_length(J+1, k_end - k_start) float64 of scratch (no allocation: it also runs in a cfunc).
+    n = table.shape[0] // subbins + 1
     k1 = means.shape[0]
-    e = work[:k1]
-    rho = work[k1 : 2 * k1]
-    q = work[2 * k1 : 3 * k1]
-    g = work[3 * k1 :]
+    q = work[:k1]
+    e = work[k1 : 2 * k1]  # per active component, in the block's order
+    rho = work[2 * k1 : 3 * k1]
+    qa = work[3 * k1 : 4 * k1]
+    ma = work[4 * k1 : 5 * k1]
+    pa = work[5 * k1 : 6 * k1]
+    ca = work[6 * k1 : 7 * k1]
+    idx = work[7 * k1 : 8 * k1]
+    g = work[8 * k1 :]
     last = min(k_end + 1, n)
     for j in range(k1):
         q[j] = math.exp(-prec[j] * h * h)
+    block = -1
+    na = 0
     k = k_start
     while k < last:
         x0 = lo + k * h
+        if k // _RUN != block:
+            block = k // _RUN
+            first = block * _RUN
+            na = _block_active(means, prec, const, lo + first * h, lo + min(first + _RUN - 1, n - 1) * h, idx)
+            keep_list = k < k_end
+            if keep_list:
+                active[block, 0] = na
+            for a in range(na):
+                j = int(idx[a])
+                if keep_list:
+                    active[block, 1 + a] = j
+                qa[a] = q[j]
+                ma[a] = means[j]
+                pa[a] = prec[j]
+                ca[a] = const[j]
         run = _RUN - k % _RUN
-        for j in range(k1):
-            a = prec[j] * h * abs(x0 - means[j])
-            c = 0.5 * prec[j] * h * h
-            while run > 1 and run * (a + run * c) > _DRIFT:
+        for a in range(na):
+            da = pa[a] * h * abs(x0 - ma[a])
+            c = 0.5 * pa[a] * h * h
+            while run > 1 and run * (da + run * c) > _DRIFT:
                 run //= 2
-        mx = const[0] - 0.5 * prec[0] * (x0 - means[0]) ** 2
-        for j in range(k1):
-            d = x0 - means[j]
-            v = const[j] - 0.5 * prec[j] * d * d
-            e[j] = v
+        mx = -1e300
+        for a in range(na):
+            d = x0 - ma[a]
+            v = ca[a] - 0.5 * pa[a] * d * d
+            e[a] = v
             mx = max(mx, v)
-        for j in range(k1):
-            v = e[j] - mx
-            e[j] = math.exp(v) if v > -700.0 else 0.0
+        for a in range(na):
+            v = e[a] - mx
+            e[a] = math.exp(v) if v > -700.0 else 0.0
             # within +-700 whatever the run (a run of one point never uses it; longer ones keep it within +-_DRIFT)
-            rho[j] = math.exp(min(max(-prec[j] * h * (x0 - means[j]) - 0.5 * prec[j] * h * h, -700.0), 700.0))
+            rho[a] = math.exp(min(max(-pa[a] * h * (x0 - ma[a]) - 0.5 * pa[a] * h * h, -700.0), 700.0))
         end = min(k + run, last)
         for kk in range(k, end):
             x = lo + kk * h
             s = 0.0
-            for j in range(k1):
-                s += e[j]
+            for a in range(na):
+                s += e[a]
             inv = 1.0 / s
             keep = kk < k_end
+            row = _row(kk, k1, na)
             if keep:
-                stats[kk, 0] = mx
-                stats[kk, 1] = s
+                stats[row] = mx
+                stats[row + 1] = s
             gk = 0.0
-            for j in range(k1):
-                r = e[j] * inv
+            for a in range(na):
+                r = e[a] * inv
                 r = r if r > 1.1e-16 else 0.0  # below 2^-53 of the sum: lost in it; zeros are skipped when summing
                 if keep:
-                    stats[kk, 2 + j] = r  # r d and r d^2 are formed in _bin_kernel: a third of the memory traffic
-                gk += r * (x - means[j]) * prec[j]
-                e[j] *= rho[j]
-                rho[j] *= q[j]
+                    stats[row + 2 + a] = r  # r d and r d^2 are formed in _bin_kernel: a third of the memory traffic
+                gk += r * (x - ma[a]) * pa[a]
+                e[a] *= rho[a]
+                rho[a] *= qa[a]
             g[kk - k_start] = gk
         k = end
     for k in range(k_start, min(k_end, n - 1)):
@@ -164,39 +235,63 @@ def component_terms(lp: np.ndarray, lpi: np.ndarray) -> tuple[np.ndarray, np.nda
     return prec, const, float(lp_max)
 
 
+def blocks(size: int) -> int:
+    """How many blocks of ``_RUN`` grid points a grid of ``size`` points has (rows of :func:`build_table`'s lists)."""
+    return (size + _RUN - 1) // _RUN
+
+
 def build_table(
     means: np.ndarray, prec: np.ndarray, const: np.ndarray, lo: float, h: float, size: int, subbins: int,
-    out: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Tabulate the mixture (float64 ``(J+1,)`` means, precisions and ``log pi_j + log N`` constants) at
     ``lo + k h``, ``k < size``, in float64.
 
     Returns:
-        ``(table, stats)``: ``table`` ``((size - 1) * subbins, 2)`` float32 holds, per sub-cell, the interpolated
-        gradient at its start and its slope per sub-cell unit; ``stats`` ``(size, 2 + (J+1))`` float64 holds, at each
-        grid point, ``m`` and ``s`` with ``log p = m + log s``, then the responsibilities ``r_j`` (:func:`bin_sums`
-        forms ``-log p``, ``r_j d_j`` and ``r_j d_j^2`` from them where weights lie). Written into ``out`` (flat
-        float32 and float64 buffers at least that long, kept by the caller: fresh megabyte-sized arrays every step
-        cost page faults) when given.
+        ``(table, stats, active)``: ``table`` ``((size - 1) * subbins, 2)`` float32 holds, per sub-cell, the
+        interpolated gradient at its start and its slope per sub-cell unit. ``stats`` (flat float64,
+        :func:`stats_length`) holds, at each grid point, ``m`` and ``s`` with ``log p = m + log s``, then the
+        responsibilities of the components that matter in the point's block of ``_RUN`` points, in the order of
+        ``active[k // _RUN, 1:]`` (``active[k // _RUN, 0]`` of them, the others being below 1e-16 there), compactly
+        (:func:`point_stats` expands them); :func:`bin_sums` forms ``-log p``, ``r_j d_j`` and ``r_j d_j^2`` from them
+        where weights lie. ``active`` is ``(blocks(size), 1 + (J+1))`` int32. Written into ``out`` (flat float32,
+        float64 and int32 buffers at least that long, kept by the caller: fresh megabyte-sized arrays every step cost
+        page faults) when given.
 
     A grid of at least ``_TEAM_MIN_TABLE`` points x components (a trained mixture's narrow components ask for 10k+
-    points) is built in runs of ``_RUN`` points split over torch's OpenMP threads (:func:`build_team_size`; the
+    points) is built in blocks of ``_RUN`` points split over torch's OpenMP threads (:func:`build_team_size`; the
     reasons beside :class:`TeamPass`), giving the same numbers bit for bit.
     """
     k1 = means.shape[0]
+    nb = blocks(size)
     if out is None:
         table = np.empty(((size - 1) * subbins, 2), dtype=np.float32)
-        stats = np.empty((size, 2 + k1), dtype=np.float64)
+        stats = np.empty(stats_length(size, k1), dtype=np.float64)
+        active = np.empty((nb, 1 + k1), dtype=np.int32)
     else:
         table = out[0][: (size - 1) * subbins * 2].reshape(-1, 2)
-        stats = out[1][: size * (2 + k1)].reshape(size, 2 + k1)
+        stats = out[1][: stats_length(size, k1)]
+        active = out[2][: nb * (1 + k1)].reshape(nb, 1 + k1)
     threads = build_team_size(size, k1)
     if threads > 1:
-        _team_build(threads, means, prec, const, float(lo), float(h), int(subbins), table, stats)
+        _team_build(threads, means, prec, const, float(lo), float(h), int(subbins), table, stats, active)
     else:
-        work = np.empty(3 * k1 + size + 1)
-        _build_kernel(means, prec, const, float(lo), float(h), int(subbins), table, stats, 0, size, work)
-    return torch.from_numpy(table), torch.from_numpy(stats)
+        work = np.empty(work_length(k1, size))
+        _build_kernel(means, prec, const, float(lo), float(h), int(subbins), table, stats, active, 0, size, work)
+    return torch.from_numpy(table), stats, active
+
+
+def point_stats(stats: np.ndarray, active: np.ndarray, size: int, components: int) -> np.ndarray:
+    """:func:`build_table`'s compact statistics as a dense ``(size, 2 + components)`` array: ``m``, ``s``, then every
+    component's responsibility (zero where its block leaves it out). For tests and inspection; the kernels read the
+    compact form."""
+    dense = np.zeros((size, 2 + components))
+    for k in range(size):
+        lst = active[k // _RUN]
+        row = int(_row(k, components, int(lst[0])))
+        dense[k, :2] = stats[row : row + 2]
+        dense[k, 2 + lst[1 : 1 + lst[0]]] = stats[row + 2 : row + 2 + lst[0]]
+    return dense
 
 
 _BLOCK = 4096  # weights per block: the block's positions stay in L1 between the two loops
@@ -244,9 +339,10 @@ def _accumulate_kernel(
 
 @_jit
 def _bin_kernel(
-    counts: np.ndarray, subbins: int, stats: np.ndarray, means: np.ndarray, lo: float, h: float, out: np.ndarray
+    counts: np.ndarray, subbins: int, stats: np.ndarray, active: np.ndarray, means: np.ndarray, lo: float, h: float,
+    out: np.ndarray,
 ) -> tuple[float, float]:  # pragma: no cover - compiled
-    n = stats.shape[0]
+    n = counts.shape[0] // subbins + 1
     k1 = means.shape[0]
     weight = np.zeros(n)
     total = 0.0
@@ -266,9 +362,13 @@ def _bin_kernel(
         if wk == 0.0:
             continue
         x = lo + k * h
-        out[0] -= wk * (stats[k, 0] + math.log(stats[k, 1]))
-        for j in range(k1):
-            wr = wk * stats[k, 2 + j]
+        block = k // _RUN
+        na = active[block, 0]
+        row = _row(k, k1, na)
+        out[0] -= wk * (stats[row] + math.log(stats[row + 1]))
+        for a in range(na):
+            j = active[block, 1 + a]
+            wr = wk * stats[row + 2 + a]
             if wr != 0.0:
                 d = x - means[j]
                 out[1 + j] += wr
@@ -278,33 +378,33 @@ def _bin_kernel(
 
 
 def bin_sums(
-    counts: torch.Tensor, subbins: int, stats: torch.Tensor, means: np.ndarray, lo: float, h: float
+    counts: torch.Tensor, subbins: int, stats: torch.Tensor, active: np.ndarray, means: np.ndarray, lo: float, h: float
 ) -> tuple[np.ndarray, float]:
     """Linear-binning sums over the weights of ``-log p``, ``r_j``, ``r_j d_j``, ``r_j d_j^2`` (``(1 + 3(J+1),)``,
     with ``d_j = x - mu_j`` at the grid points ``lo + k h``) from the sub-cell histogram and :func:`build_table`'s
     ``stats``, and the mean of ``t(1 - t)`` over the counted weights (for Sheppard's correction)."""
     out = np.zeros(1 + 3 * means.shape[0], dtype=np.float64)
-    total, spread = _bin_kernel(counts.numpy(), int(subbins), stats.numpy(), means, float(lo), float(h), out)
+    total, spread = _bin_kernel(counts.numpy(), int(subbins), stats.numpy(), active, means, float(lo), float(h), out)
     return out, float(spread) / max(float(total), 1.0)
 
 
 @_jit
 def _host_pass_kernel(
     ws: Any, gs: Any, table: np.ndarray, counts: np.ndarray, u_scale: np.float32, u_offset: np.float32,
-    u_max: np.float32, alpha: np.float32, subbins: int, stats: np.ndarray, means: np.ndarray, lo: float, h: float,
-    sums: np.ndarray,
+    u_max: np.float32, alpha: np.float32, subbins: int, stats: np.ndarray, active: np.ndarray, means: np.ndarray,
+    lo: float, h: float, sums: np.ndarray,
 ) -> tuple[float, float]:  # pragma: no cover - compiled
     counts[:] = 0
     for i in range(len(ws)):
         _accumulate_kernel(ws[i], gs[i], table, counts, u_scale, u_offset, u_max, alpha)
     sums[:] = 0.0
-    return _bin_kernel(counts, subbins, stats, means, lo, h, sums)  # type: ignore[no-any-return]
+    return _bin_kernel(counts, subbins, stats, active, means, lo, h, sums)  # type: ignore[no-any-return]
 
 
 def host_pass(
     ws: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], table: np.ndarray, counts: np.ndarray,
     u_consts: tuple[np.float32, np.float32, np.float32], alpha: float, subbins: int, stats: np.ndarray,
-    means: np.ndarray, lo: float, h: float,
+    active: np.ndarray, means: np.ndarray, lo: float, h: float,
 ) -> tuple[np.ndarray, float]:
     """The table's fused per-weight work in one compiled call (each Python-level call costs 1-10 us on this path):
     ``gs[i] += alpha * g(ws[i])`` for each pair of flat float32 arrays, the sub-cell histogram (``counts``, zeroed
@@ -314,8 +414,8 @@ def host_pass(
         what :func:`bin_sums` returns.
     """
     sums = np.empty(1 + 3 * means.shape[0])
-    total, spread = _host_pass_kernel(ws, gs, table, counts, *u_consts, np.float32(alpha), int(subbins), stats, means,
-                                      float(lo), float(h), sums)
+    total, spread = _host_pass_kernel(ws, gs, table, counts, *u_consts, np.float32(alpha), int(subbins), stats, active,
+                                      means, float(lo), float(h), sums)
     return sums, float(spread) / max(float(total), 1.0)
 
 
@@ -333,7 +433,7 @@ def host_pass(
 # every tensor and counts into its own histogram row: results are bit-identical to :func:`host_pass` (tested).
 
 _TEAM_MIN_WEIGHTS = 1 << 15  # fewer weights: waking the team costs more than it saves
-_ARGS = 16  # the argument block: int64 slots, see _team_worker
+_ARGS = 17  # the argument block: int64 slots, see _team_worker and _team_build_worker
 
 if AVAILABLE:  # pragma: no branch
     from llvmlite import ir as _ir
@@ -422,7 +522,8 @@ if AVAILABLE:  # pragma: no branch
     def _team_build_worker(data: Any) -> None:  # pragma: no cover - compiled, runs on the OpenMP threads
         # argument block: 0 team size (out), 1/2/3 means, precisions, constants (float64), 4 components, 5 (lo, h)
         # (float64), 6 subbins, 7/8 table address and rows, 9 stats address, 10 grid points, 11/12 per-thread scratch
-        # address and length (float64), 13/14 omp_get_thread_num/omp_get_num_threads, 15 threads asked for
+        # address and length (float64), 13/14 omp_get_thread_num/omp_get_num_threads, 15 threads asked for, 16 the
+        # blocks' lists of components (int32, (blocks, 1 + components))
         a = numba.carray(_as_i64(data), (_ARGS,))  # type: ignore[call-arg]
         t, parts = _thread_share(a, 13)
         k1 = a[4]
@@ -437,9 +538,10 @@ if AVAILABLE:  # pragma: no branch
         const = numba.carray(_as_f64(a[3]), (k1,))
         lh = numba.carray(_as_f64(a[5]), (2,))
         table = numba.carray(_as_f32(a[7]), (a[8], 2))
-        stats = numba.carray(_as_f64(a[9]), (n, 2 + k1))
+        stats = numba.carray(_as_f64(a[9]), (blocks * _RUN * (2 + k1),))  # stats_length(n, k1)
         work = numba.carray(_as_f64(a[11] + t * a[12] * 8), (a[12],))
-        _build_kernel(means, prec, const, lh[0], lh[1], a[6], table, stats, k_start, k_end, work)
+        active = numba.carray(_as_i32(a[16]), (blocks, 1 + k1))
+        _build_kernel(means, prec, const, lh[0], lh[1], a[6], table, stats, active, k_start, k_end, work)
 
     @_intrinsic
     def _call_gomp_parallel(typingctx: Any, fn: Any, worker: Any, data: Any, threads: Any) -> Any:
@@ -462,7 +564,7 @@ if AVAILABLE:  # pragma: no branch
     def _team_pass_kernel(
         ws: Any, gs: Any, table: np.ndarray, rows: np.ndarray, cells: np.ndarray, fracs: np.ndarray,
         consts: np.ndarray, pointers: np.ndarray, args: np.ndarray, fns: np.ndarray, threads: int, subbins: int,
-        stats: np.ndarray, means: np.ndarray, lo: float, h: float, sums: np.ndarray,
+        stats: np.ndarray, active: np.ndarray, means: np.ndarray, lo: float, h: float, sums: np.ndarray,
     ) -> tuple[float, float, int]:  # pragma: no cover - compiled
         # fns: GOMP_parallel, _team_worker, omp_get_thread_num, omp_get_num_threads (addresses)
         nt = len(ws)
@@ -492,7 +594,7 @@ if AVAILABLE:  # pragma: no branch
             for f in range(n_fine):
                 rows[0, f] += rows[r, f]
         sums[:] = 0.0
-        total, spread = _bin_kernel(rows[0], subbins, stats, means, lo, h, sums)
+        total, spread = _bin_kernel(rows[0], subbins, stats, active, means, lo, h, sums)
         return total, spread, parts
 
 
@@ -566,16 +668,16 @@ def build_team_size(size: int, components: int) -> int:
 
 def _team_build(
     threads: int, means: np.ndarray, prec: np.ndarray, const: np.ndarray, lo: float, h: float, subbins: int,
-    table: np.ndarray, stats: np.ndarray,
+    table: np.ndarray, stats: np.ndarray, active: np.ndarray,
 ) -> None:
-    """:func:`_build_kernel` over the whole grid, split in runs of ``_RUN`` points over torch's OpenMP threads."""
+    """:func:`_build_kernel` over the whole grid, split in blocks of ``_RUN`` points over torch's OpenMP threads."""
     team = _team()
     assert team is not None
     means, prec, const = (np.ascontiguousarray(v, dtype=np.float64) for v in (means, prec, const))
     k1 = means.shape[0]
-    n = stats.shape[0]
+    n = table.shape[0] // subbins + 1
     # per-thread scratch long enough for the whole grid: a team smaller than asked for gives each thread more of it
-    stride = 3 * k1 + n + 1
+    stride = work_length(k1, n)
     work = getattr(_BUILD_SCRATCH, "work", None)
     if work is None or work.shape[0] < threads * stride:
         work = _BUILD_SCRATCH.work = np.empty(threads * stride)  # kept: fresh 100 kB arrays cost page faults
@@ -583,7 +685,7 @@ def _team_build(
     args = np.zeros(_ARGS, dtype=np.int64)
     args[1:] = (means.ctypes.data, prec.ctypes.data, const.ctypes.data, k1, lh.ctypes.data, subbins,
                 table.ctypes.data, table.shape[0], stats.ctypes.data, n, work.ctypes.data, stride,
-                team.thread_num, team.num_threads, threads)
+                team.thread_num, team.num_threads, threads, active.ctypes.data)
     team.parallel(_team_build_worker.address, args.ctypes.data, threads, 0)  # ctypes releases the GIL meanwhile
 
 
@@ -624,7 +726,7 @@ class TeamPass:
     def run(
         self, threads: int, ws: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], table: np.ndarray,
         n_fine: int, u_consts: tuple[np.float32, np.float32, np.float32], alpha: float, subbins: int,
-        stats: np.ndarray, means: np.ndarray, lo: float, h: float,
+        stats: np.ndarray, active: np.ndarray, means: np.ndarray, lo: float, h: float,
     ) -> tuple[np.ndarray, np.ndarray, float]:
         """``gs[i] += alpha * g(ws[i])`` and the histogram on ``threads`` threads, then :func:`bin_sums`, in one
         compiled call (it fills the worker's argument block and calls ``GOMP_parallel`` itself: each ``.ctypes``
@@ -646,8 +748,8 @@ class TeamPass:
         rows = self.rows[: threads * n_fine].reshape(threads, n_fine)
         sums = np.empty(1 + 3 * means.shape[0])
         total, spread, _ = _team_pass_kernel(ws, gs, table, rows, self.cells, self.fracs, self.consts, self.pointers,
-                                             self.args, self.fns, threads, int(subbins), stats, means, float(lo),
-                                             float(h), sums)
+                                             self.args, self.fns, threads, int(subbins), stats, active, means,
+                                             float(lo), float(h), sums)
         return rows[0], sums, float(spread) / max(float(total), 1.0)
 
 

@@ -329,13 +329,17 @@ class MixtureTable:
         # g(w) = g_start[f] + t * slope[f], the linear interpolation between grid points k and k + 1 written per
         # sub-cell, so that one integer index serves both the gathers and the histogram, and frac() gives the position.
         # stats: columns -log p, then R_j, S_j, Q_j at each grid point: (G, 1 + 3(J+1)) in float64 for the sums
-        # (fused: log p as m + log s and R_j only, (G, 2 + (J+1)); the kernel that sums forms -log p, S_j and Q_j).
+        # (fused: log p as m + log s and the R_j of the components that matter in each block of grid points, listed
+        # in self._active; the kernel that sums forms -log p, S_j and Q_j: see prior_kernels.build_table).
         if self.fused:
             self.prec = torch.from_numpy(prec_np)
             k1 = m_np.shape[0]
             out = (self._host_scratch("table", (n - 1) * subbins * 2, np.float32),
-                   self._host_scratch("stats", n * (2 + k1), np.float64))
-            self._table, self.stats = self._kernels.build_table(m_np, prec_np, const_np, lo, self.h, n, subbins, out)
+                   self._host_scratch("stats", prior_kernels.stats_length(n, k1), np.float64),
+                   self._host_scratch("active", prior_kernels.blocks(n) * (1 + k1), np.int32))
+            self._table, stats, self._active = self._kernels.build_table(m_np, prec_np, const_np, lo, self.h, n,
+                                                                         subbins, out)
+            self.stats = torch.from_numpy(stats)  # compact: prior_kernels.point_stats expands it
             self._means = m_np
             # the kernels' views, made once: a tensor -> NumPy conversion costs ~1 us, and a step makes dozens
             self._table_host = self._table.numpy().view(np.complex64).reshape(-1)
@@ -474,11 +478,13 @@ class MixtureTable:
             if team is None:
                 team = self.workspace["team_pass"] = self._kernels.TeamPass()
             counts, tot, spread = team.run(threads, ws, grads, self._table_host, self.n_fine, self._u_consts, alpha,
-                                           self.subbins, self.stats.numpy(), self._means, self.lo, self.h)
+                                           self.subbins, self.stats.numpy(), self._active, self._means, self.lo,
+                                           self.h)
         else:
             counts = self._host_scratch("counts", self.n_fine, np.int32)[: self.n_fine]
             tot, spread = self._kernels.host_pass(ws, grads, self._table_host, counts, self._u_consts, alpha,
-                                                  self.subbins, self.stats.numpy(), self._means, self.lo, self.h)
+                                                  self.subbins, self.stats.numpy(), self._active, self._means, self.lo,
+                                                  self.h)
         self.fine_counts = torch.from_numpy(counts)
         self._counts_host = counts
         self._counted = counted
@@ -504,7 +510,8 @@ class MixtureTable:
         tot: Any  # (1 + 3(J+1),) sums, and the precisions: NumPy arrays on the fused path, tensors otherwise
         prec: Any
         if self.fused:
-            tot, spread = self._kernels.bin_sums(counts, self.subbins, self.stats, self._means, self.lo, self.h)
+            tot, spread = self._kernels.bin_sums(counts, self.subbins, self.stats, self._active, self._means, self.lo,
+                                                 self.h)
             prec = self.prec.numpy()  # NumPy on the CPU path: no dispatch cost on 17-vectors
         else:
             c = counts.view(self.size - 1, self.subbins).double()
