@@ -73,9 +73,14 @@ def work_length(components: int, points: int) -> int:
     return 8 * components + points + 1
 
 
+def blocks(size: int) -> int:
+    """How many blocks of ``_RUN`` grid points a grid of ``size`` points has (rows of :func:`build_table`'s lists)."""
+    return (size + _RUN - 1) // _RUN
+
+
 def stats_length(size: int, components: int) -> int:
     """float64 numbers :func:`build_table`'s compact statistics take for a grid of ``size`` points."""
-    return (size + _RUN - 1) // _RUN * _RUN * (2 + components)
+    return blocks(size) * _RUN * (2 + components)
 
 
 @_jit
@@ -235,11 +240,6 @@ def component_terms(lp: np.ndarray, lpi: np.ndarray) -> tuple[np.ndarray, np.nda
     return prec, const, float(lp_max)
 
 
-def blocks(size: int) -> int:
-    """How many blocks of ``_RUN`` grid points a grid of ``size`` points has (rows of :func:`build_table`'s lists)."""
-    return (size + _RUN - 1) // _RUN
-
-
 def build_table(
     means: np.ndarray, prec: np.ndarray, const: np.ndarray, lo: float, h: float, size: int, subbins: int,
     out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
@@ -322,19 +322,29 @@ def _gather_count(
 
 
 @_jit_fast
+def _accumulate_blocks(
+    w: np.ndarray, grad: np.ndarray, table: np.ndarray, counts: np.ndarray, cell: np.ndarray, frac: np.ndarray,
+    u_scale: np.float32, u_offset: np.float32, u_max: np.float32, alpha: np.float32,
+) -> None:  # pragma: no cover - compiled
+    # two loops per block: the positions vectorise (SIMD), the gathers and the histogram cannot; fused in one loop,
+    # neither does (measured: 20% slower), and over the whole tensor the positions would leave the cache.
+    # cell, frac: scratch of _BLOCK each (given, not allocated: the team's workers run this in a cfunc)
+    n = w.shape[0]
+    for start in range(0, n, _BLOCK):
+        end = min(start + _BLOCK, n)
+        m = end - start
+        _positions(w[start:end], cell[:m], frac[:m], u_scale, u_offset, u_max)
+        _gather_count(grad[start:end], cell[:m], frac[:m], table, counts, alpha)
+
+
+@_jit_fast
 def _accumulate_kernel(
     w: np.ndarray, grad: np.ndarray, table: np.ndarray, counts: np.ndarray,
     u_scale: np.float32, u_offset: np.float32, u_max: np.float32, alpha: np.float32,
 ) -> None:  # pragma: no cover - compiled
-    # two loops per block: the positions vectorise (SIMD), the gathers and the histogram cannot; fused in one loop,
-    # neither does (measured: 20% slower), and over the whole tensor the positions would leave the cache
-    n = w.shape[0]
     cell = np.empty(_BLOCK, dtype=np.int32)
     frac = np.empty(_BLOCK, dtype=np.float32)
-    for start in range(0, n, _BLOCK):
-        end = min(start + _BLOCK, n)
-        _positions(w[start:end], cell, frac, u_scale, u_offset, u_max)
-        _gather_count(grad[start:end], cell, frac, table, counts, alpha)
+    _accumulate_blocks(w, grad, table, counts, cell, frac, u_scale, u_offset, u_max, alpha)
 
 
 @_jit
@@ -530,11 +540,7 @@ if AVAILABLE:  # pragma: no branch
             hi = n * (t + 1) // parts
             w = numba.carray(_as_f32(wptr[k]), (n,))
             g = numba.carray(_as_f32(gptr[k]), (n,))
-            for s in range(lo, hi, _BLOCK):
-                e = min(s + _BLOCK, hi)
-                m = e - s
-                _positions(w[s:e], cell[:m], frac[:m], c[0], c[1], c[2])
-                _gather_count(g[s:e], cell[:m], frac[:m], table, counts, c[3])
+            _accumulate_blocks(w[lo:hi], g[lo:hi], table, counts, cell, frac, c[0], c[1], c[2], c[3])
 
     @numba.cfunc(_nt.void(_nt.voidptr), cache=True, error_model="numpy")
     def _team_build_worker(data: Any) -> None:  # pragma: no cover - compiled, runs on the OpenMP threads
