@@ -178,8 +178,8 @@ def test_pass_on_torchs_openmp_threads_is_identical_to_one_thread(torch_threads)
 @pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")
 @pytest.mark.parametrize("size", [4000, 4097, 12_289])
 def test_table_build_on_torchs_openmp_threads_is_identical_to_one_thread(torch_threads, size: int) -> None:  # type: ignore[no-untyped-def]
-    """A grid big enough is built split over torch's threads (runs of 64 points each, anchored as on one thread):
-    table and statistics equal the one-thread build bit for bit, with 2 and 3 threads."""
+    """A grid big enough is built split over torch's threads (in blocks of 64 points, each computed as on one
+    thread): table, lists of components and statistics equal the one-thread build bit for bit, with 2 and 3 threads."""
     torch_threads(2)
     if prior_kernels.build_team_size(size, 17) == 1:
         pytest.skip("no OpenMP team of torch's here (see the per-weight pass test)")
@@ -191,6 +191,7 @@ def test_table_build_on_torchs_openmp_threads_is_identical_to_one_thread(torch_t
     for threads in (1, 2, 3):
         torch_threads(threads)
         built[threads] = prior_kernels.build_table(*args, -0.9, 1.7 / (size - 1), size, 4)
+
     def dense(built: tuple[torch.Tensor, np.ndarray, np.ndarray]) -> np.ndarray:
         # the compact statistics leave parts of their buffer unwritten: compare what they hold
         return prior_kernels.point_stats(built[1], built[2], size, len(means))
