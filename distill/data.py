@@ -77,7 +77,10 @@ class TensorBatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             idx = indices
         else:  # through NumPy: torch.as_tensor on a list of 128 ints took ~20 us, NumPy ~8 us
             idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-        return self.x[idx], self.y[idx]
+        # index_select, not x[idx]: for whole rows of a contiguous tensor it copies each row as one block, where
+        # advanced indexing computes an offset per element: 62-76 us against 134-175 us for a batch of 128 MNIST
+        # images on this CPU (1-2 threads), ~3% of a LeNet-300-100 step. Same values (tested).
+        return self.x.index_select(0, idx), self.y.index_select(0, idx)
 
 
 def _as_is(batch: Any) -> Any:

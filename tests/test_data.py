@@ -131,6 +131,20 @@ def test_tensor_batch_sampler_draws_random_samplers_batches(drop_last: bool) -> 
         BatchSampler(SequentialSampler(data), 16, drop_last))
 
 
+def test_tensor_batch_dataset_fetches_the_rows_asked_for() -> None:
+    """A batch fetched at once (a tensor of indices from TensorBatchSampler, or a list from BatchSampler) holds the
+    same rows and labels, in the same order, as fetching the samples one by one."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 1, 3, 4, generator=g), torch.randint(0, 10, (50,), generator=g)
+    data = TensorBatchDataset(x, y)
+    for idx in (torch.tensor([7, 0, 49, 7, 13]), [7, 0, 49, 7, 13], torch.randperm(50, generator=g)[:16]):
+        bx, by = data.__getitems__(idx)
+        items = [data[int(i)] for i in idx]
+        assert torch.equal(bx, torch.stack([a for a, _ in items]))
+        assert torch.equal(by, torch.stack([b for _, b in items]))
+        assert bx.is_contiguous() and bx.shape == (len(idx), 1, 3, 4)
+
+
 def test_train_loader_takes_lightnings_distributed_sampler() -> None:
     """Under DDP Lightning re-creates the training loader around a DistributedSampler: each rank then gets its
     shuffled half of the data, fetched through the same dataset."""
