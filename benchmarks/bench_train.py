@@ -14,6 +14,12 @@ the like-for-like ratios (both default, both fused) are printed beside it: they 
 as users run it; the last row has Lightning's bar, which redraws after every batch, for comparison.
 
     DISTILL_DATA=../shared/data python benchmarks/bench_train.py [--steps 300] [--repeats 3]
+
+``--phases``: instead, where a step's time goes, like for like (torch's default Adam on both sides): the hand loop's
+data, forward, ``zero_grad``, backward and optimizer step timed around each call, against ``distill fit``'s step cut
+at Lightning's hooks (a callback's timestamps at ``on_train_batch_start``, ``on_before_backward``,
+``on_after_backward``, ``on_before_optimizer_step``, ``on_train_batch_end``, and around the module's
+``training_step``); medians per phase over the steps after warm-up, both alternating ``--repeats`` times.
 """
 
 from __future__ import annotations
@@ -154,6 +160,114 @@ def distill_fit(steps: int, batch: int, fused: bool = True, lightning_bar: bool 
     return (timer.steps - WARMUP) * batch / (timer.t1 - timer.t0)
 
 
+class Phases(pl.Callback):
+    """Timestamps of a Lightning step's hooks and around ``training_step`` (wrapped on the module when fit starts)."""
+
+    MARKS = ("batch_start", "step_start", "step_end", "before_backward", "after_backward", "before_optimizer",
+             "batch_end")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.t: dict[str, list[float]] = {k: [] for k in self.MARKS}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        inner, t = pl_module.training_step, self.t
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            t["step_start"].append(time.perf_counter())
+            out = inner(*args, **kwargs)
+            t["step_end"].append(time.perf_counter())
+            return out
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.t["batch_start"].append(time.perf_counter())
+
+    def on_before_backward(self, *args: Any) -> None:
+        self.t["before_backward"].append(time.perf_counter())
+
+    def on_after_backward(self, *args: Any) -> None:
+        self.t["after_backward"].append(time.perf_counter())
+
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        self.t["before_optimizer"].append(time.perf_counter())
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.t["batch_end"].append(time.perf_counter())
+
+    def medians_us(self, warmup: int) -> dict[str, float]:
+        """Median microseconds from each mark to the next (the last: to the next step's ``batch_start``)."""
+        n = len(self.t["batch_end"]) - 1
+        out = {}
+        for i, k in enumerate(self.MARKS):
+            nxt = self.MARKS[i + 1] if i + 1 < len(self.MARKS) else "batch_start"
+            shift = 0 if i + 1 < len(self.MARKS) else 1
+            gaps = [self.t[nxt][j + shift] - self.t[k][j] for j in range(warmup, n)]
+            out[f"{k} -> {nxt}"] = statistics.median(gaps) * 1e6
+        return out
+
+
+def fit_phases(steps: int, batch: int) -> dict[str, float]:
+    """``distill fit`` of the shipped teacher config with torch's default Adam, cut into phases at its hooks."""
+    phases = Phases()
+    cli = DistillCLI(
+        args=[
+            "-c", "configs/mnist/lenet300_100_teacher.yaml",
+            "--model.init_args.optimizer.init_args.fused", "false",
+            "--trainer.max_steps", str(steps + WARMUP),
+            "--trainer.limit_val_batches", "0",
+            "--trainer.num_sanity_val_steps", "0",
+            "--trainer.enable_model_summary", "false",
+            "--trainer.accelerator", "cpu",
+            "--trainer.logger.init_args.save_dir", "/tmp/distill_bench_runs",
+            "--checkpoint.dirpath", "/tmp/distill_bench_runs/ckpt",
+            "--data.batch_size", str(batch),
+            "--data.download", "false",
+        ],
+        run=False,
+        trainer_defaults={"callbacks": [phases]},
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    return phases.medians_us(WARMUP)
+
+
+def hand_phases(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int) -> dict[str, float]:
+    """The minimal loop (torch's default Adam) with each call timed: median microseconds per phase."""
+    times: dict[str, list[float]] = {k: [] for k in ("data", "forward + loss", "zero_grad", "backward", "step")}
+    with pure_torch_env():
+        torch.manual_seed(0)
+        model = LeNet300100()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        perm = torch.randperm(len(y))
+        for step in range(steps + WARMUP):
+            t0 = time.perf_counter()
+            i = (step * batch) % (len(y) - batch)
+            idx = perm[i : i + batch]
+            xb, yb = x[idx], y[idx]
+            t1 = time.perf_counter()
+            loss = F.cross_entropy(model(xb), yb)
+            t2 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            loss.backward()
+            t4 = time.perf_counter()
+            opt.step()
+            t5 = time.perf_counter()
+            if step >= WARMUP:
+                for k, a, b in zip(times, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5), strict=True):
+                    times[k].append(b - a)
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+
+def print_phases(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, repeats: int) -> None:
+    for r in range(repeats):
+        hand, fit = hand_phases(x, y, steps, batch), fit_phases(steps, batch)
+        print(f"repeat {r + 1}: median us per step, torch's default Adam on both sides")
+        print(f"  hand loop   total {sum(hand.values()):7.0f}: " + ", ".join(f"{k} {v:.0f}" for k, v in hand.items()))
+        print(f"  distill fit total {sum(fit.values()):7.0f}: " + ", ".join(f"{k} {v:.0f}" for k, v in fit.items()))
+
+
 def loader_epoch_seconds(dm: MNISTDataModule) -> tuple[float, float]:
     """One pass over the training set: distill's in-memory loader vs torchvision's per-sample PIL pipeline."""
     from torch.utils.data import DataLoader
@@ -178,12 +292,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--phases", action="store_true", help="where a step's time goes, hand loop vs distill fit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dm = MNISTDataModule(download=False, batch_size=args.batch)
     dm.setup("fit")
     assert dm.train_set is not None
     x, y = dm.train_set.x, dm.train_set.y
+    if args.phases:
+        print_phases(x, y, args.steps, args.batch, args.repeats)
+        return
     kinds = ("hand", "hand_fused", "bare", "bare_skip", "fit", "fit_default", "fit_tqdm")
     runs: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
