@@ -129,14 +129,9 @@ def bare_lightning(dm: MNISTDataModule, steps: int, skip_probe: bool = False) ->
     return (timer.steps - WARMUP) * dm.batch_size / (timer.t1 - timer.t0)
 
 
-def distill_fit(steps: int, batch: int, fused: bool = True, lightning_bar: bool = False) -> float:
-    """``distill fit`` of the shipped teacher config, with its default progress bar (drawn into memory, not a terminal).
-
-    ``fused=False``: torch's default Adam update instead; ``lightning_bar``: Lightning's per-batch TQDMProgressBar
-    instead of distill's time-limited one.
-    """
-    timer = StepTimer(WARMUP)
-    extra = ["--trainer.callbacks+=pytorch_lightning.callbacks.TQDMProgressBar"] if lightning_bar else []
+def run_fit(steps: int, batch: int, callback: pl.Callback, fused: bool = True, extra: tuple[str, ...] = ()) -> None:
+    """``distill fit`` of the shipped teacher config for ``steps`` + warm-up steps, with ``callback`` added (bars drawn
+    into memory, not a terminal); ``fused=False``: torch's default Adam update instead."""
     cli = DistillCLI(
         args=[
             "-c", "configs/mnist/lenet300_100_teacher.yaml",
@@ -153,10 +148,21 @@ def distill_fit(steps: int, batch: int, fused: bool = True, lightning_bar: bool 
             *extra,
         ],
         run=False,
-        trainer_defaults={"callbacks": [timer]},
+        trainer_defaults={"callbacks": [callback]},
     )  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):  # Lightning's bars write to stdout
         cli.trainer.fit(cli.model, cli.datamodule)
+
+
+def distill_fit(steps: int, batch: int, fused: bool = True, lightning_bar: bool = False) -> float:
+    """``distill fit`` of the shipped teacher config, with its default progress bar (drawn into memory, not a terminal).
+
+    ``fused=False``: torch's default Adam update instead; ``lightning_bar``: Lightning's per-batch TQDMProgressBar
+    instead of distill's time-limited one.
+    """
+    timer = StepTimer(WARMUP)
+    extra = ("--trainer.callbacks+=pytorch_lightning.callbacks.TQDMProgressBar",) if lightning_bar else ()
+    run_fit(steps, batch, timer, fused, extra)
     return (timer.steps - WARMUP) * batch / (timer.t1 - timer.t0)
 
 
@@ -210,25 +216,7 @@ class Phases(pl.Callback):
 def fit_phases(steps: int, batch: int) -> dict[str, float]:
     """``distill fit`` of the shipped teacher config with torch's default Adam, cut into phases at its hooks."""
     phases = Phases()
-    cli = DistillCLI(
-        args=[
-            "-c", "configs/mnist/lenet300_100_teacher.yaml",
-            "--model.init_args.optimizer.init_args.fused", "false",
-            "--trainer.max_steps", str(steps + WARMUP),
-            "--trainer.limit_val_batches", "0",
-            "--trainer.num_sanity_val_steps", "0",
-            "--trainer.enable_model_summary", "false",
-            "--trainer.accelerator", "cpu",
-            "--trainer.logger.init_args.save_dir", "/tmp/distill_bench_runs",
-            "--checkpoint.dirpath", "/tmp/distill_bench_runs/ckpt",
-            "--data.batch_size", str(batch),
-            "--data.download", "false",
-        ],
-        run=False,
-        trainer_defaults={"callbacks": [phases]},
-    )  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        cli.trainer.fit(cli.model, cli.datamodule)
+    run_fit(steps, batch, phases, fused=False)
     return phases.medians_us(WARMUP)
 
 
