@@ -20,6 +20,7 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from distill.callbacks.checkpoint import ModelCheckpoint as FastModelCheckpoint
 from distill.callbacks.progress import ProgressBar
@@ -115,8 +116,9 @@ class DistillCLI(LightningCLI):
         path = self.config[sub].get("ckpt_path") if sub else None
         # Lightning's special values ("last", "best", "hpc", "registry[:...]") and remote URLs go to Lightning as given
         if path and str(path) not in ("last", "best", "hpc") and not str(path).startswith("registry") \
-                and "://" not in str(path):
-            check_checkpoint_file(path, "--ckpt_path")
+                and "://" not in str(path) and self.__dict__.get("_checked_ckpt_path") != path:
+            check_checkpoint_file(path, "--ckpt_path", lightning=True)  # reads the file: once per path
+            self.__dict__["_checked_ckpt_path"] = path
 
     def _parse_ckpt_path(self) -> None:
         # Lightning (>= 2.5) reads the checkpoint's hyper-parameters here, in __init__, with torch's bare errors
@@ -207,6 +209,20 @@ def _quiet_third_party() -> None:
                             category=FutureWarning, module=r"pytorch_lightning\.")
 
 
+def _misconfiguration(exc: BaseException) -> BaseException | None:
+    """Lightning's ``MisconfigurationException`` (a trainer setting this machine or run cannot honour, such as
+    ``accelerator: gpu`` without a GPU) in the chain of ``exc``: the user's to fix, so it is reported without the
+    traceback."""
+    cur: BaseException | None = exc
+    seen: set[int] = set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, MisconfigurationException):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``distill`` and ``python -m distill``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -226,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             message = user_message(err)
         elif (config := find_config_error(exc)) is not None:  # an argument check in a configured class's __init__
             message = f"{config[0]}: {config[1]}. Fix: change it in the config file or on the command line."
+        elif (setting := _misconfiguration(exc)) is not None:  # Lightning's own check of the trainer's settings
+            message = (f"{user_message(setting).rstrip('.!')}. Fix: change the trainer setting it names, in the config "
+                       "file or on the command line (e.g. --trainer.accelerator cpu where there is no GPU).")
         else:
             raise  # a bug: keep the traceback
         print(f"distill: error: {message}\n(DISTILL_TRACEBACK=1 shows the traceback)", file=sys.stderr)

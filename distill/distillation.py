@@ -52,6 +52,7 @@ from distill.module_utils import (
     as_module,
     configure_optimizers,
     piecewise_schedule,
+    raise_batch_error,
     save_arch_hparams,
     save_hparams,
     schedule_at,
@@ -316,6 +317,11 @@ class Distiller(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
         self._teacher_reported = False
         if mode == "layerwise":
             self._setup_layerwise(layers, adapters, input_shape, stage_epochs)
+        elif layers:
+            rank_zero_warn(
+                f"Distiller: layers {dict(layers)} are not used with mode={mode!r}, which distills the logits only. "
+                "Set mode: layerwise to train the mapped layers, or drop layers from the config."
+            )
 
     # ---------------------------------------------------------------------------------------------------------
     # construction helpers
@@ -498,8 +504,17 @@ class Distiller(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
     # steps
     # ---------------------------------------------------------------------------------------------------------
 
+    def _networks(self) -> list[tuple[str, nn.Module]]:
+        return [("student", self.student), ("teacher", self.teacher)]
+
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        try:
+            return self._training_step(batch)
+        except Exception as err:  # a network built for other data: say which (nothing to pay when the step works)
+            raise_batch_error(err, self._networks(), batch, same_outputs=self.mode == "end_to_end")
+
+    def _training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         if self.mode == "end_to_end":
             return self._end_to_end_step(x, y)
@@ -574,13 +589,19 @@ class Distiller(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], split: str, metric: MulticlassAccuracy, teacher_metric: Any
     ) -> None:
         x, y = batch
-        logits = self.student(x)
-        self.log(f"{split}/loss", F.cross_entropy(logits, y), prog_bar=split == "val")
+        try:
+            logits = self.student(x)
+            loss = F.cross_entropy(logits, y)
+            if self._teacher_acc_pending:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)
+        except Exception as err:
+            raise_batch_error(err, self._networks(), batch)
+        self.log(f"{split}/loss", loss, prog_bar=split == "val")
         metric(logits, y)
         self.log(f"{split}/acc", metric, prog_bar=split == "val")
         if self._teacher_acc_pending:
-            with torch.no_grad():
-                teacher_metric(self.teacher(x), y)
+            teacher_metric(t_logits, y)
             self.log(f"{split}/teacher_acc", teacher_metric)
 
     @override
@@ -612,7 +633,10 @@ class Distiller(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
 
     @override
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.student(batch[0]).argmax(-1)
+        try:
+            return self.student(batch[0]).argmax(-1)
+        except Exception as err:
+            raise_batch_error(err, [("student", self.student)], batch)
 
     @override
     def configure_optimizers(self) -> Any:

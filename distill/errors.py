@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,14 @@ def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> A
         CheckpointError: if the file is not a readable checkpoint, naming the file and the reason.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise MissingCheckpointError(_folder_message(what, path))
     if not p.is_file():
         hint = producer_hint(p) or "Fix: point at an existing checkpoint, or run the training that writes it first."
         raise MissingCheckpointError(f"{what} {str(path)!r} does not exist (or is not a file). {hint}")
+    reason = _not_a_zip(p) or _corrupt_member(p)
+    if reason is not None:
+        raise _unreadable(what, path, reason)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file: say which and why, in the user's terms
@@ -110,16 +116,62 @@ def _not_a_zip(path: Path) -> str | None:
             else "not a PyTorch checkpoint (torch.save writes a zip archive)")
 
 
-def check_checkpoint_file(path: str | os.PathLike[str], what: str = "checkpoint") -> None:
-    """Fail early, cheaply (no loading), on a checkpoint path that is missing or not a complete zip archive (the
-    format ``torch.save`` writes): a resumed run should not die after setting everything up."""
+def _corrupt_member(path: Path) -> str | None:
+    """Why a complete zip archive is damaged (a member whose bytes fail its CRC-32), or ``None`` if none is.
+
+    ``torch.load`` does not check the CRCs its zip archives carry: a checkpoint with flipped bytes in a tensor loads
+    without a word, with wrong weights. Reading the file once more costs little next to the load that follows (the
+    second read comes from the page cache)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
+        return f"the file is corrupted ({type(err).__name__}: {err})"
+    return None if bad is None else f"the file is corrupted (its member {bad!r} fails its CRC-32 check)"
+
+
+def _folder_message(what: str, path: str | os.PathLike[str]) -> str:
     p = Path(path).expanduser()
+    found = next((c for c in (p / "checkpoints" / "last.ckpt", p / "last.ckpt") if c.is_file()), None)
+    example = str(found) if found is not None else f"{Path(path) / 'checkpoints' / 'last.ckpt'}"
+    return (f"{what} {str(path)!r} is a folder, not a checkpoint file. Fix: give the checkpoint file in it, "
+            f"e.g. {example}")
+
+
+def check_checkpoint_file(path: str | os.PathLike[str], what: str = "checkpoint", lightning: bool = False) -> None:
+    """Fail early on a checkpoint path that is missing, not a complete zip archive (the format ``torch.save``
+    writes), or damaged (a CRC mismatch, which ``torch.load`` would not notice): a resumed run should not die after
+    setting everything up, nor go on from corrupted weights.
+
+    ``lightning``: the file must also be a Lightning checkpoint (``state_dict`` and ``pytorch-lightning_version``,
+    which Lightning reads with a bare ``KeyError``). Its keys are read with ``mmap=True``: the tensors are not loaded.
+    A checkpoint whose extra entries need full unpickling (a user's own hyper-parameter objects) is left to Lightning.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise MissingCheckpointError(_folder_message(what, path))
     if not p.is_file():
         raise MissingCheckpointError(f"{what} {str(path)!r} does not exist (or is not a file). Fix: give the path of a "
                                       "checkpoint written by `distill fit`, e.g. runs/<name>/checkpoints/last.ckpt")
-    reason = _not_a_zip(p)
+    reason = _not_a_zip(p) or _corrupt_member(p)
     if reason is not None:
         raise _unreadable(what, path, reason)
+    if not lightning:
+        return
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - Lightning loads it its own way; only a plain failure is ours to report
+        if isinstance(err, MemoryError) or "Weights only load failed" in str(err):
+            return
+        raise _unreadable(what, path, _load_failure(err)) from err
+    missing = [k for k in ("state_dict", "pytorch-lightning_version") if not (isinstance(ckpt, dict) and k in ckpt)]
+    if missing:
+        held = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{what} {str(path)!r} is not a Lightning checkpoint: it has no {' or '.join(map(repr, missing))} "
+            f"(it holds {held}). Fix: give a checkpoint written by `distill fit` (runs/<name>/checkpoints/last.ckpt); "
+            "to start from plain weights, use the LoadWeights callback instead of --ckpt_path"
+        )
 
 
 def user_message(err: BaseException) -> str:

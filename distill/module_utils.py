@@ -7,8 +7,8 @@ import functools
 import inspect
 import math
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import torch
@@ -17,7 +17,7 @@ from pytorch_lightning.profilers import PassThroughProfiler
 from torch import nn
 
 from distill.arch import arch_spec, build_module
-from distill.errors import ConfigError
+from distill.errors import ConfigError, DistillError
 
 __all__ = [
     "RNG_KEY",
@@ -25,6 +25,8 @@ __all__ = [
     "NoOpProfiler",
     "ResumableRNGMixin",
     "as_module",
+    "batch_error",
+    "raise_batch_error",
     "piecewise_schedule",
     "schedule_at",
     "configure_optimizers",
@@ -239,6 +241,80 @@ class FastSetattrMixin:
             object.__setattr__(self, name, value)
             return
         super().__setattr__(name, value)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def batch_error(
+    err: Exception, networks: Sequence[tuple[str, nn.Module]], batch: Any, same_outputs: bool = False
+) -> Exception:
+    """The error to raise for ``err``, raised while a step ran ``networks`` on ``batch``: a :class:`ConfigError`
+    naming the network that cannot take the data (its inputs' shape, or labels beyond its outputs, or two networks
+    whose outputs a loss compares but which differ, with ``same_outputs``) when that is what went wrong, else ``err``.
+
+    A network built for other data fails deep in torch ("mat1 and mat2 shapes cannot be multiplied", "Target 8 is out
+    of bounds"), which names neither the network nor the fix. The steps call this only when they fail, so it costs
+    nothing on the way that works; it runs each network once more on the batch, in eval mode, without gradients and
+    with the random state restored, so that no state of the run changes.
+    """
+    if isinstance(err, (DistillError, torch.OutOfMemoryError)) or not isinstance(
+            err, (RuntimeError, IndexError, ValueError, TypeError)):
+        return err
+    if not (isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor)):
+        return err
+    x = batch[0]
+    y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+    outputs: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        for role, net in networks:
+            modes = [(m, m.training) for m in net.modules()]
+            net.eval()
+            try:
+                out = net(x)
+            except Exception as probe:  # noqa: BLE001 - whatever it is, it is this network's failure on these inputs
+                return ConfigError(
+                    f"the {role} ({type(net).__name__}) cannot take this data's inputs: a batch of shape "
+                    f"{tuple(x.shape)} ({x.dtype}) fails in its forward ({_first_line(probe)}). Fix: give a {role} "
+                    f"built for this data set's inputs, or train on the data it was built for"
+                )
+            finally:
+                for m, mode in modes:
+                    m.training = mode
+            if isinstance(out, torch.Tensor):
+                outputs[role] = (net, out)
+    if y is not None and not y.is_floating_point() and y.numel():
+        top = int(y.max())
+        for role, (net, out) in outputs.items():
+            if out.ndim == 2 and top >= out.shape[1]:
+                return ConfigError(
+                    f"the {role} ({type(net).__name__}) has {out.shape[1]} outputs, but this data's labels go up to "
+                    f"{top}. Fix: build it with {top + 1} classes (its num_classes argument), or use data with "
+                    f"{out.shape[1]} classes"
+                )
+    if same_outputs and len(outputs) == 2:
+        (r1, (n1, o1)), (r2, (n2, o2)) = outputs.items()
+        if o1.shape != o2.shape:
+            return ConfigError(
+                f"the {r1} ({type(n1).__name__}) gives outputs of shape {tuple(o1.shape)} and the {r2} "
+                f"({type(n2).__name__}) {tuple(o2.shape)}: the loss compares the two. Fix: give both the same "
+                "number of classes"
+            )
+    return err
+
+
+def raise_batch_error(
+    err: Exception, networks: Sequence[tuple[str, nn.Module]], batch: Any, same_outputs: bool = False
+) -> NoReturn:
+    """Raise :func:`batch_error`'s error for ``err`` (``err`` itself, its traceback kept, if the networks take the
+    batch)."""
+    new = batch_error(err, networks, batch, same_outputs)
+    if new is err:
+        raise err
+    raise new from err
 
 
 def should_log_step(module: pl.LightningModule) -> bool:

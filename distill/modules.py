@@ -20,6 +20,7 @@ from distill.module_utils import (
     ResumableRNGMixin,
     as_module,
     configure_optimizers,
+    raise_batch_error,
     save_arch_hparams,
     save_hparams,
     should_log_step,
@@ -67,6 +68,12 @@ class Classifier(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
         return self.model(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        try:
+            return self._training_step(batch)
+        except Exception as err:  # a network built for other data: say so (nothing to pay when the step works)
+            raise_batch_error(err, [("model", self.model)], batch)
+
+    def _training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
@@ -90,8 +97,12 @@ class Classifier(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str, metric: MulticlassAccuracy) -> None:
         x, y = batch
-        logits = self.model(x)
-        self.log(f"{split}/loss", F.cross_entropy(logits, y), prog_bar=split == "val")
+        try:
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+        except Exception as err:
+            raise_batch_error(err, [("model", self.model)], batch)
+        self.log(f"{split}/loss", loss, prog_bar=split == "val")
         metric(logits, y)
         self.log(f"{split}/acc", metric, prog_bar=split == "val")
 
@@ -102,7 +113,10 @@ class Classifier(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
         self._eval_step(batch, "test", self.test_acc)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model(batch[0]).argmax(-1)
+        try:
+            return self.model(batch[0]).argmax(-1)
+        except Exception as err:
+            raise_batch_error(err, [("model", self.model)], batch)
 
     def configure_optimizers(self) -> Any:
         return configure_optimizers(self, self.model.parameters(), self.optimizer, self.lr_scheduler)

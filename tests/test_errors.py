@@ -192,3 +192,69 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(ValueError, match="a bug, not a config value"):
         main(["fit", "-c", str(QUICKSTART / "teacher.yaml"), "--trainer.max_epochs", "1",
               "--trainer.enable_progress_bar", "false"])
+
+
+def _flip_bytes_in_a_tensor(src: Path, dst: Path) -> None:
+    """A copy of a checkpoint with bytes flipped inside one tensor's data (the zip's sizes and structure intact)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 64)
+        data = bytearray(src.read_bytes())
+        # the member's bytes follow its local header (30 bytes + name + extra field)
+        name_len, extra_len = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little"), \
+            int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+        start = info.header_offset + 30 + name_len + extra_len
+    data[start + 8: start + 40] = bytes(b ^ 0xFF for b in data[start + 8: start + 40])
+    dst.write_bytes(bytes(data))
+
+
+def test_checkpoint_checks_catch_corruption_folders_and_plain_dicts(files: dict[str, Path], tmp_path: Path) -> None:
+    from distill.errors import check_checkpoint_file
+
+    lightning_like = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    lightning_like.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.arange(4000.0)}, "pytorch-lightning_version": "2.6.0"}, lightning_like)
+    check_checkpoint_file(lightning_like, "--ckpt_path", lightning=True)  # a good one passes
+    corrupt = tmp_path / "corrupt.ckpt"
+    _flip_bytes_in_a_tensor(lightning_like, corrupt)
+    loaded = torch.load(corrupt, weights_only=True)["state_dict"]["w"]  # torch itself loads it, silently wrong
+    assert not torch.equal(loaded, torch.arange(4000.0))
+    for check in (lambda p: check_checkpoint_file(p, "--ckpt_path"), lambda p: read_checkpoint(p, "--ckpt_path")):
+        with pytest.raises(CheckpointError, match=r"corrupt.ckpt'.*corrupted \(its member '.*' fails its CRC-32"):
+            check(corrupt)
+        with pytest.raises(MissingCheckpointError, match=r"'.*run' is a folder, not a checkpoint file\. Fix: give "
+                                                         r"the checkpoint file in it, e\.g\. .*run/checkpoints/last"):
+            check(tmp_path / "run")
+    check_checkpoint_file(files["good"], "--ckpt_path")  # any checkpoint, without lightning=True
+    with pytest.raises(CheckpointError, match=r"good.ckpt' is not a Lightning checkpoint: it has no "
+                                              r"'pytorch-lightning_version' \(it holds \['state_dict'\]\)\. Fix:"):
+        check_checkpoint_file(files["good"], "--ckpt_path", lightning=True)
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"a": torch.ones(2)}, plain)
+    with pytest.raises(CheckpointError, match="has no 'state_dict' or 'pytorch-lightning_version'"):
+        check_checkpoint_file(plain, "--ckpt_path", lightning=True)
+    check_checkpoint_file(files["objects"], "--ckpt_path", lightning=True)  # needs unpickling: left to Lightning
+
+
+def test_ckpt_path_that_is_not_a_lightning_checkpoint_is_one_line(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(QUICKSTART / "teacher.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--ckpt_path", str(files["good"])])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "distill: error: --ckpt_path" in err and "is not a Lightning checkpoint" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_lightnings_misconfiguration_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(QUICKSTART / "teacher.yaml"), "--trainer.accelerator", "gpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "distill: error: No supported gpu backend found. Fix: change the trainer setting it names" in err, err
+    assert "Traceback" not in err
