@@ -26,6 +26,7 @@ from distill.callbacks.gmm_prior import GMMPrior
 from distill.compress.kmeans import clusters_for_bits
 from distill.compress.params import network_of
 from distill.compress.pipeline import RAW_DTYPES, deep_compress, result_summary
+from distill.errors import ConfigError
 from distill.io import run_folder
 
 __all__ = ["PruneQuantize"]
@@ -55,6 +56,24 @@ def _codebook_source(with_prior: bool, codebook: str) -> str:
     if not with_prior:
         return "kmeans"
     return "GMMPrior" if codebook == "gmm" else "GMMPrior zeros, kmeans"
+
+
+def _fix(arg: str) -> str:
+    return (f"Fix: change {arg} in the init_args of the PruneQuantize callback (trainer.callbacks in the config file, "
+            "or on the command line)")
+
+
+def _bad(arg: str, value: Any, expected: str) -> ConfigError:
+    """The error for argument ``arg``: its value, what is expected and where to change it."""
+    return ConfigError(f"PruneQuantize: {arg} must be {expected}, got {value!r}. {_fix(arg)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _find_gmm_prior(trainer: pl.Trainer) -> GMMPrior | None:
@@ -99,7 +118,8 @@ class PruneQuantize(Callback):
             (half the bytes; the reported accuracies include the rounding); ``"float32"`` keeps them exact.
 
     Raises:
-        ValueError: on a misconfiguration, naming the argument.
+        ConfigError: (a ``ValueError``) on a misconfiguration, naming the argument: in ``__init__``, or for a
+            ``module_attr`` that the LightningModule lacks, in ``on_fit_start`` (before any training step).
     """
 
     def __init__(
@@ -121,21 +141,36 @@ class PruneQuantize(Callback):
     ) -> None:
         super().__init__()
         if raw_dtype not in RAW_DTYPES:
-            raise ValueError(f"raw_dtype must be one of {RAW_DTYPES}, got {raw_dtype!r}")
-        clusters_for_bits(bits_conv)  # raises with the value if out of range
-        clusters_for_bits(bits_fc)
+            raise _bad("raw_dtype", raw_dtype, f"one of {RAW_DTYPES}")
+        for arg, bits in (("bits_conv", bits_conv), ("bits_fc", bits_fc)):
+            try:
+                clusters_for_bits(bits)  # raises with the value if out of range
+            except ValueError as err:
+                raise ConfigError(f"PruneQuantize: {arg}: {err} (Han et al.: 8 for convolutions, 5 for dense "
+                                  f"layers). {_fix(arg)}") from None
         if quality is not None and sparsity is not None:
-            raise ValueError(f"give quality or sparsity, not both (quality={quality}, sparsity={sparsity})")
-        if quality is not None and quality < 0:
-            raise ValueError(f"quality must be >= 0, got {quality}")
-        if sparsity is not None and not 0 <= sparsity <= 1:
-            raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+            raise ConfigError(f"PruneQuantize: give quality or sparsity, not both (quality={quality}, "
+                              f"sparsity={sparsity}). Fix: remove one of them from the PruneQuantize callback's "
+                              "init_args (trainer.callbacks in the config file)")
+        if quality is not None and not (_is_number(quality) and math.isfinite(quality) and quality >= 0):
+            raise _bad("quality", quality, ">= 0 (prune |w| < quality * std), or None")
+        if sparsity is not None and not (_is_number(sparsity) and 0 <= sparsity <= 1):
+            raise _bad("sparsity", sparsity, "in [0, 1] (the fraction of zeros), or None")
         if codebook not in CODEBOOKS:
-            raise ValueError(f"codebook must be one of {CODEBOOKS}, got {codebook!r}")
-        if finetune_epochs < 0:
-            raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
+            raise _bad("codebook", codebook, f"one of {CODEBOOKS}")
+        if not _is_int(finetune_epochs) or finetune_epochs < 0:
+            raise _bad("finetune_epochs", finetune_epochs, ">= 0, an integer number of epochs (0: no fine-tuning)")
+        if not (_is_number(finetune_lr) and math.isfinite(finetune_lr) and finetune_lr > 0):
+            raise _bad("finetune_lr", finetune_lr, "a number > 0 (the SGD learning rate of the shared values, "
+                       "e.g. 1e-4)")
+        if finetune_batches is not None and (not _is_int(finetune_batches) or finetune_batches < 1):
+            raise _bad("finetune_batches", finetune_batches, "an integer >= 1 (batches per fine-tuning epoch), or "
+                       "None for as many as the trainer's training epochs have")
         if not filename:
-            raise ValueError("filename must be a non-empty path")
+            raise _bad("filename", filename, "a non-empty path (relative to the run folder, or absolute)")
+        if module_attr is not None and (not isinstance(module_attr, str) or not module_attr):
+            raise _bad("module_attr", module_attr, "the name of the LightningModule's attribute holding the network, "
+                       "or None")
         self.bits_conv = bits_conv
         self.bits_fc = bits_fc
         self.quality = quality
@@ -170,6 +205,10 @@ class PruneQuantize(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:  # a wrong module_attr would otherwise fail only at the end of training (configure_model has run now)
+            self.network(pl_module)
+        except ConfigError as err:
+            raise ConfigError(f"PruneQuantize: {err}") from None
         gmm = _find_gmm_prior(trainer) if self.use_gmm_prior else None
         if gmm is not None:  # this callback quantizes with the prior itself, after measuring the trained accuracy
             gmm.quantize_on_end = False

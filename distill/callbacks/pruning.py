@@ -24,9 +24,10 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from distill.compress.params import compressible_parameters, network_of
+from distill.compress.params import closest_name, compressible_parameters, network_of
 from distill.compress.pipeline import write_json
 from distill.compress.pruning import prune_mask
+from distill.errors import ConfigError
 from distill.io import run_folder
 
 __all__ = ["MagnitudePruning"]
@@ -38,6 +39,17 @@ def _names_layer(name: str, key: str) -> bool:
     """Whether mapping key ``key`` (``fc1``, ``fc1.weight``, ``model.fc1``...) names parameter ``name``."""
     layer = name.removesuffix(".weight")
     return key in (name, layer) or name.endswith("." + key) or layer.endswith("." + key)
+
+
+def _listing(names: Sequence[str], limit: int = 12) -> str:
+    """``'a', 'b', ... (N more)``: a readable list of valid names."""
+    if not names:
+        return "none"
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
+_FIX = "the init_args of the MagnitudePruning callback (trainer.callbacks in the config file, or on the command line)"
 
 
 @torch.no_grad()
@@ -77,7 +89,9 @@ class MagnitudePruning(Callback):
         history_file: JSON written into the run folder (None: don't write).
 
     Raises:
-        ValueError: on a misconfiguration, naming the argument.
+        ValueError: on a misconfiguration, naming the argument: in ``__init__``; for ``parameter_names`` or keys of a
+            ``sparsity`` mapping that name no parameter or layer of the LightningModule, a :class:`ConfigError` in
+            ``setup`` (before any training step).
     """
 
     def __init__(
@@ -143,10 +157,51 @@ class MagnitudePruning(Callback):
         if self.parameter_names is not None:
             missing = [n for n in self.parameter_names if n not in named]
             if missing:
-                raise ValueError(f"parameter_names {missing} are not parameters of {type(pl_module).__name__}")
+                raise ConfigError(self._unknown_parameters(pl_module, missing, list(named)))
             return {n: named[n] for n in self.parameter_names}
         net, prefix = network_of(pl_module)
         return {prefix + n: p for n, p in compressible_parameters(net).items() if p.requires_grad}
+
+    @staticmethod
+    def _unknown_parameters(pl_module: pl.LightningModule, missing: list[str], names: list[str]) -> str:
+        weights = list(compressible_parameters(pl_module)) or names  # the Linear/Conv weights first: what one prunes
+        close = {m: c for m in missing if (c := closest_name(m, names)) is not None}
+        hint = "".join(f" (did you mean {c!r} for {m!r}?)" for m, c in close.items())
+        return (f"MagnitudePruning: parameter_names {missing} are not parameters of {type(pl_module).__name__}{hint}; "
+                f"valid: {_listing(weights)} (any name of pl_module.named_parameters(), {len(names)} in all). "
+                f"Fix: correct parameter_names in {_FIX}, or leave it unset to prune every Linear/Conv weight")
+
+    def check_sparsity_mapping(self, pl_module: pl.LightningModule) -> None:
+        """Check, before any training step, that every key of a ``sparsity`` mapping names a pruned layer and that
+        every pruned layer has an entry (or there is a ``"*"`` default).
+
+        Raises:
+            ConfigError: naming the unknown keys or the uncovered layers, with the valid layer names.
+        """
+        if not isinstance(self.sparsity, Mapping):
+            return
+        names = list(self._params)
+        layers = [n.removesuffix(".weight") for n in names]
+        module = type(pl_module).__name__
+        unknown = [k for k in self.sparsity if k != "*" and not any(_names_layer(n, str(k)) for n in names)]
+        if unknown:
+            what = ", ".join(repr(k) for k in unknown)
+            verb = "is not a layer" if len(unknown) == 1 else "are not layers"
+            suffix = layers[0].rsplit(".", 1)[-1] if layers else "fc1"
+            raise ConfigError(
+                f"MagnitudePruning: sparsity={dict(self.sparsity)!r}: {what} {verb} of {module} that this callback "
+                f"prunes; valid: {_listing(layers)} (or a dotted suffix of one, e.g. {suffix!r}; '*' for the layers "
+                f"not named). Fix: correct the keys of sparsity in {_FIX}"
+            )
+        if "*" in self.sparsity:
+            return
+        uncovered = [n for n in names if not any(_names_layer(n, str(k)) for k in self.sparsity)]
+        if uncovered:
+            raise ConfigError(
+                f"MagnitudePruning: sparsity mapping {sorted(map(str, self.sparsity))} has no entry for "
+                f"{_listing([n.removesuffix('.weight') for n in uncovered])} of {module} (nor a '*' default). "
+                f"Fix: add an entry for each of them, or a '*' entry for the layers not named, to sparsity in {_FIX}"
+            )
 
     def should_prune(self, epoch: int) -> bool:
         """Whether a pruning iteration starts at ``epoch`` (never twice at one epoch, e.g. after resume)."""
@@ -164,7 +219,7 @@ class MagnitudePruning(Callback):
         """``(quality, sparsity)`` of iteration ``iteration`` (one of them None), for parameter ``name``.
 
         Raises:
-            ValueError: if ``sparsity`` is a mapping that covers neither ``name`` nor ``"*"``.
+            ConfigError: if ``sparsity`` is a mapping that covers neither ``name`` nor ``"*"``.
         """
 
         def pick(s: Schedule | None) -> float | None:
@@ -182,7 +237,8 @@ class MagnitudePruning(Callback):
             key = next((k for k in sparsity if k != "*" and _names_layer(name or "", k)), None)
             key = key if key is not None else ("*" if "*" in sparsity else None)
             if key is None:
-                raise ValueError(f"sparsity mapping {sorted(sparsity)} has no entry for {name!r} (nor a '*' default)")
+                raise ConfigError(f"MagnitudePruning: sparsity mapping {sorted(sparsity)} has no entry for {name!r} "
+                                  f"(nor a '*' default). Fix: add one, or a '*' entry, to sparsity in {_FIX}")
             sparsity = sparsity[key]
         return pick(self.quality), pick(sparsity)
 
@@ -212,7 +268,10 @@ class MagnitudePruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._params = self.filter_parameters(pl_module)
         if not self._params:
-            raise ValueError(f"MagnitudePruning found no parameter to prune in {type(pl_module).__name__}")
+            raise ConfigError(f"MagnitudePruning found no parameter to prune in {type(pl_module).__name__} (default: "
+                              "the trainable weights of its Linear/Conv layers). Fix: give parameter_names in "
+                              f"{_FIX}, or override filter_parameters")
+        self.check_sparsity_mapping(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -6,11 +6,15 @@ and Ullrich et al., "Soft Weight-Sharing for Neural Network Compression").
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
 from torch import nn
 
-__all__ = ["COMPRESSIBLE_TYPES", "NETWORK_ATTRS", "compressible_parameters", "network_of", "parameter_kinds"]
+from distill.errors import ConfigError
+
+__all__ = ["COMPRESSIBLE_TYPES", "NETWORK_ATTRS", "closest_name", "compressible_parameters", "network_of",
+           "parameter_kinds"]
 
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 NETWORK_ATTRS = ("student", "model")
@@ -29,18 +33,40 @@ def network_of(module: nn.Module, attr: str | None = None) -> tuple[nn.Module, s
         ``prefix + name`` is the parameter's name in ``module.named_parameters()``.
 
     Raises:
-        ValueError: if ``attr`` is given and ``module.<attr>`` is not an ``nn.Module``.
+        ConfigError: (a ``ValueError``) if ``attr`` is given and ``module.<attr>`` is not an ``nn.Module``; the
+            message lists the module's ``nn.Module`` attributes.
     """
     if attr is not None:
         net = getattr(module, attr, None)
         if not isinstance(net, nn.Module):
-            raise ValueError(f"module_attr={attr!r} is not an nn.Module attribute of {type(module).__name__}")
+            raise ConfigError(_bad_module_attr(module, attr))
         return net, f"{attr}."
     for name in NETWORK_ATTRS:
         net = getattr(module, name, None)
         if isinstance(net, nn.Module) and net is not module:
             return net, f"{name}."
     return module, ""
+
+
+def closest_name(word: str, choices: list[str]) -> str | None:
+    """The one name of ``choices`` that ``word`` is a likely misspelling of, or ``None`` if none is clearly closest
+    (``fc9`` is as close to ``fc1`` as to ``fc2``: no guess)."""
+    scores = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in choices), reverse=True)
+    if not scores or scores[0][0] < 0.6 or (len(scores) > 1 and scores[1][0] == scores[0][0]):
+        return None
+    return scores[0][1]
+
+
+def _bad_module_attr(module: nn.Module, attr: str) -> str:
+    """Why ``module_attr=attr`` names no network of ``module``: the valid choices (its ``nn.Module`` attributes, i.e.
+    its children), the closest one, and the fix."""
+    choices = [name for name, _ in module.named_children()]
+    close = closest_name(attr, choices)
+    hint = f" (did you mean {close!r}?)" if close else ""
+    valid = ", ".join(repr(c) for c in choices) if choices else "none"
+    return (f"module_attr={attr!r} is not an nn.Module attribute of {type(module).__name__}{hint}; valid: {valid}. "
+            f"Fix: set module_attr to one of them, or leave it unset to take {NETWORK_ATTRS[0]!r}, else "
+            f"{NETWORK_ATTRS[1]!r}, else the module itself")
 
 
 def compressible_parameters(
