@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from distill.module_utils import rng_states, set_rng_states
 
 __all__ = [
     "CIFAR10DataModule",
+    "DataFileError",
     "DataNotFoundError",
     "DigitsDataModule",
     "InMemoryDataModule",
@@ -40,6 +43,20 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 class DataNotFoundError(DistillError, FileNotFoundError):
     """A data set's files are missing and could not be downloaded."""
+
+
+class DataFileError(DistillError, ValueError):
+    """A data set's file is there but cannot be used: truncated, corrupted, or not in the expected format."""
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """``err``'s message on one line (torchvision's download errors span several), cut to ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
@@ -177,7 +194,7 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     Args:
         batch_size: training batch size.
-        eval_batch_size: batch size for validation/test/predict (default: ``batch_size``).
+        eval_batch_size: batch size for validation/test/predict (``None``: ``batch_size``).
         val_size: number of training samples carved out (fixed seed) for validation; 0 validates on the test set.
         seed: seed of the validation split.
         num_workers: DataLoader workers (0 is fastest for in-memory tensors).
@@ -194,12 +211,21 @@ class InMemoryDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if val_size < 0:
-            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        checks = (  # (argument, value, valid, what to set it to)
+            ("batch_size", batch_size, _is_int(batch_size) and batch_size >= 1, "an integer >= 1", "1 or more"),
+            ("eval_batch_size", eval_batch_size, eval_batch_size is None or (_is_int(eval_batch_size)
+             and eval_batch_size >= 1), "an integer >= 1, or null for batch_size", "1 or more, or null"),
+            ("val_size", val_size, _is_int(val_size) and val_size >= 0, "an integer >= 0",
+             "0 (validate on the test set) or more"),
+            ("num_workers", num_workers, _is_int(num_workers) and num_workers >= 0, "an integer >= 0",
+             "0 (load in the main process, the fastest for in-memory data) or more"),
+        )
+        for arg, value, ok, valid, fix in checks:
+            if not ok:
+                raise ConfigError(f"{type(self).__name__}: {arg} must be {valid}, got {value!r}. Fix: set "
+                                  f"data.init_args.{arg} to {fix} (the config file, or --data.{arg})")
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.val_size = val_size
         self.seed = seed
         self.num_workers = num_workers
@@ -286,6 +312,26 @@ _MNIST_FILES = (
 )
 
 
+def _idx_problem(path: Path, ndim: int) -> tuple[int, str | None]:
+    """``(number of items, None)`` for an intact uint8 IDX file of ``ndim`` dimensions (MNIST's format: a 4-byte
+    magic number, one 4-byte big-endian size per dimension, then the bytes), or ``(0, what is wrong)``."""
+    header = 4 + 4 * ndim
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(header)
+    if len(head) < header:
+        return 0, f"{size:,} bytes, too short even for the {header}-byte header of an MNIST (IDX) file"
+    magic, expected_magic = int.from_bytes(head[:4], "big"), 0x0800 | ndim
+    if magic != expected_magic:
+        return 0, f"not an MNIST (IDX) file of uint8 data: magic number 0x{magic:08x}, expected 0x{expected_magic:08x}"
+    dims = [int.from_bytes(head[4 * i : 4 * i + 4], "big") for i in range(1, ndim + 1)]
+    expected = header + math.prod(dims)
+    if size != expected:
+        shape = " x ".join(f"{d:,}" for d in dims)
+        return 0, f"{size:,} bytes, expected {expected:,} for its header's {shape} (truncated?)"
+    return dims[0], None
+
+
 class MNISTDataModule(InMemoryDataModule):
     """MNIST (LeCun et al.) through ``torchvision.datasets.MNIST``, normalised with mean 0.1307 / std 0.3081.
 
@@ -303,20 +349,61 @@ class MNISTDataModule(InMemoryDataModule):
     def _not_found(self, cause: Exception | None) -> DataNotFoundError:
         raw = self.data_dir / "MNIST" / "raw"
         files = ", ".join(_MNIST_FILES)
-        how = "download failed (no network?)" if self.download else "download=False"
+        if self.download:  # torchvision tried to download them (it extracts intact .gz files without a network)
+            return DataNotFoundError(
+                f"MNIST not found under {raw} (looked for {files}, or their .gz files) and the download failed"
+                + (f": {_one_line(cause)}" if cause else "")
+                + f". Fix: copy the four files (or their .gz files) into {raw}, or point DISTILL_DATA or "
+                f"--data.data_dir at a folder that holds MNIST/raw."
+            )
         return DataNotFoundError(
-            f"MNIST not found under {raw} (looked for {files}, or their .gz files) and {how}. "
+            f"MNIST not found under {raw} (looked for {files}) and download=False. "
             f"Fix: point DISTILL_DATA or --data.data_dir at a folder that holds MNIST/raw, "
             f"or allow torchvision to download it with --data.download true."
-            + (f" Cause: {cause}" if cause else "")
+            + (f" Cause: {_one_line(cause)}" if cause else "")
         )
+
+    def _damaged(self, what: str, problem: str) -> DataFileError:
+        raw = self.data_dir / "MNIST" / "raw"
+        return DataFileError(
+            f"MNIST {what} damaged: {problem}. Fix: delete the damaged file (or the folder {raw}) and run with "
+            f"--data.download true to download MNIST again, or copy intact files ({', '.join(_MNIST_FILES)}) "
+            f"into {raw}."
+        )
+
+    def _check_files(self) -> None:
+        """Tell damaged raw files from missing ones before torchvision reads them (it fails on a truncated file with
+        a reshape error). Only when all four are there: torchvision downloads the set when one is missing."""
+        raw = self.data_dir / "MNIST" / "raw"
+        paths = [raw / name for name in _MNIST_FILES]
+        legacy = self.data_dir / "MNIST" / "processed"
+        if not all(p.is_file() for p in paths) or all((legacy / f).is_file() for f in ("training.pt", "test.pt")):
+            return
+        counts = []
+        for path in paths:
+            try:
+                count, problem = _idx_problem(path, ndim=3 if "images" in path.name else 1)
+            except OSError:  # unreadable (permissions): torchvision's own attempt reports it
+                return
+            if problem is not None:
+                raise self._damaged(f"file {path} is", problem)
+            counts.append(count)
+        for i in (0, 2):  # train-images with train-labels, t10k-images with t10k-labels
+            if counts[i] != counts[i + 1]:
+                raise self._damaged(f"file {paths[i + 1]} is",
+                                    f"{counts[i + 1]:,} labels for the {counts[i]:,} images of {paths[i].name}")
 
     def _dataset(self, train: bool) -> object:
         from torchvision.datasets import MNIST
 
+        self._check_files()
         try:
             return MNIST(str(self.data_dir), train=train, download=self.download)
-        except (RuntimeError, OSError) as err:
+        except (RuntimeError, OSError, AssertionError, TypeError, ValueError) as err:
+            raw = self.data_dir / "MNIST" / "raw"
+            if all((raw / name).is_file() for name in _MNIST_FILES) and not str(err).startswith("Error downloading"):
+                raise self._damaged(f"files under {raw} are",
+                                    f"torchvision cannot read them ({_one_line(err)})") from err
             raise self._not_found(err) from err
 
     def prepare_data(self) -> None:
@@ -334,6 +421,19 @@ class MNISTDataModule(InMemoryDataModule):
             return x, ds.targets.long()  # type: ignore[attr-defined]
 
         self._split(*tensors(True), *tensors(False))
+
+
+_SUBSET_KEYS = ("x_train_first2000", "y_train_first2000", "x_test_first1000", "y_test_first1000")
+
+
+def _fits_range(a: np.ndarray, high: int) -> bool:
+    """Whether ``a`` holds integers (of any integer dtype) in ``0..high``."""
+    return bool(np.issubdtype(a.dtype, np.integer) and (a.size == 0 or (a.min() >= 0 and a.max() <= high)))
+
+
+def _fits_uint8(a: np.ndarray) -> bool:
+    """Whether ``a`` is uint8, or integers that fit it: pixels 0..255 (not floats scaled to 0..1)."""
+    return a.dtype == np.uint8 or _fits_range(a, 255)
 
 
 class CIFAR10DataModule(InMemoryDataModule):
@@ -380,14 +480,78 @@ class CIFAR10DataModule(InMemoryDataModule):
         try:
             ds = CIFAR10(str(self.data_dir), train=train, download=self.download)
         except (RuntimeError, OSError) as err:
-            how = "download failed (no network?)" if self.download else "download=False"
+            folder = self.data_dir / CIFAR10.base_folder
+            damaged = self._damaged_files()
+            if damaged:  # all there, but torchvision's MD5 check fails (it then says "not found or corrupted")
+                after = f" and the download that would replace them failed: {_one_line(err)}" if self.download else ""
+                raise DataFileError(
+                    f"CIFAR-10 files under {folder} are damaged: {', '.join(damaged)} fail torchvision's MD5 check "
+                    f"(truncated or corrupted){after}. Fix: delete {folder} and run with --data.download true to "
+                    f"download CIFAR-10 again, or copy intact files (from cifar-10-python.tar.gz) into it."
+                ) from err
+            looked = "looked for data_batch_1..5, test_batch and batches.meta"
+            if self.download:
+                raise DataNotFoundError(
+                    f"CIFAR-10 not found under {folder} ({looked}) and the download failed: {_one_line(err)}. "
+                    f"Fix: copy cifar-10-batches-py (or cifar-10-python.tar.gz) into {self.data_dir}, point "
+                    f"DISTILL_DATA or --data.data_dir at a folder that holds it, or use --data.subset_file with an "
+                    f".npz subset."
+                ) from err
             raise DataNotFoundError(
-                f"CIFAR-10 not found under {self.data_dir / 'cifar-10-batches-py'} (looked for data_batch_1..5 and "
-                f"test_batch) and {how}. Fix: point DISTILL_DATA or --data.data_dir at a folder that holds "
-                f"cifar-10-batches-py, allow --data.download true, or use --data.subset_file with an .npz subset. "
-                f"Cause: {err}"
+                f"CIFAR-10 not found under {folder} ({looked}) and download=False. Fix: point DISTILL_DATA or "
+                f"--data.data_dir at a folder that holds cifar-10-batches-py, allow --data.download true, or use "
+                f"--data.subset_file with an .npz subset. Cause: {_one_line(err)}"
             ) from err
         return ds.data, np.asarray(ds.targets)
+
+    def _damaged_files(self) -> list[str]:
+        """The CIFAR-10 files that are there but fail torchvision's MD5 check, with their sizes; none if any of them
+        is missing (then the data set is not there, rather than damaged)."""
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import check_integrity
+
+        folder = self.data_dir / CIFAR10.base_folder
+        files = [*CIFAR10.train_list, *CIFAR10.test_list, [CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+        if not all((folder / name).is_file() for name, _ in files):
+            return []
+        return [f"{name} ({(folder / name).stat().st_size:,} bytes)" for name, md5 in files
+                if not check_integrity(folder / name, md5)]
+
+    def _read_subset(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The four arrays of a subset file, checked: uint8 images ``(N, 32, 32, 3)`` and ``N`` labels 0..9."""
+        fix = (f"Fix: give as subset file an .npz written with np.savez(path, {_SUBSET_KEYS[0]}=x, "
+               f"{_SUBSET_KEYS[1]}=y, {_SUBSET_KEYS[2]}=x_test, {_SUBSET_KEYS[3]}=y_test), images uint8 "
+               f"(N, 32, 32, 3) (HWC, as CIFAR-10) and N labels 0..9 each.")
+        with path.open("rb") as f:
+            head = f.read(6)
+        if head == b"\x93NUMPY":
+            raise DataFileError(f"CIFAR-10 subset file {path} is a single .npy array, not an .npz archive of the "
+                                f"arrays {list(_SUBSET_KEYS)}. {fix}")
+        if head[:4] != b"PK\x03\x04":
+            raise DataFileError(f"CIFAR-10 subset file {path} is not an .npz archive (a zip file; this one starts "
+                                f"with {head!r}). {fix}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                files = list(getattr(z, "files", []))
+                arrays = {k: z[k] for k in _SUBSET_KEYS if k in files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise DataFileError(f"CIFAR-10 subset file {path} cannot be read (a truncated or corrupted .npz, or "
+                                f"arrays of Python objects: {_one_line(err)}). {fix}") from err
+        missing = [k for k in _SUBSET_KEYS if k not in arrays]
+        if missing:
+            what = " (it looks like a PyTorch checkpoint)" if any(k.endswith("data.pkl") for k in files) else ""
+            raise DataFileError(f"CIFAR-10 subset file {path} lacks arrays {missing}; it holds {sorted(files)[:10]}"
+                                f"{what}. {fix}")
+        xtr, ytr, xte, yte = (arrays[k] for k in _SUBSET_KEYS)
+        for xk, yk, x, y in ((*_SUBSET_KEYS[:2], xtr, ytr), (*_SUBSET_KEYS[2:], xte, yte)):
+            if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or not _fits_uint8(x):
+                raise DataFileError(f"CIFAR-10 subset file {path}: {xk} is {x.dtype} of shape {x.shape}; expected "
+                                    f"uint8 images of shape (N, 32, 32, 3). {fix}")
+            if y.shape != (len(x),) or not _fits_range(y, self.num_classes - 1):
+                raise DataFileError(f"CIFAR-10 subset file {path}: {yk} is {y.dtype} of shape {y.shape}; expected "
+                                    f"({len(x)},) integer labels 0..{self.num_classes - 1}, one per image of {xk}. "
+                                    f"{fix}")
+        return xtr.astype(np.uint8, copy=False), ytr, xte.astype(np.uint8, copy=False), yte
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -399,12 +563,7 @@ class CIFAR10DataModule(InMemoryDataModule):
                     f"CIFAR-10 subset file {path} does not exist. Fix: pass an existing .npz to --data.subset_file "
                     f"(absolute, or relative to data_dir={self.data_dir})."
                 )
-            with np.load(path, allow_pickle=False) as z:
-                needed = ("x_train_first2000", "y_train_first2000", "x_test_first1000", "y_test_first1000")
-                missing = [k for k in needed if k not in z.files]
-                if missing:
-                    raise DataNotFoundError(f"{path} lacks arrays {missing}; it holds {sorted(z.files)}")
-                xtr, ytr, xte, yte = (z[k] for k in needed)
+            xtr, ytr, xte, yte = self._read_subset(path)
         else:
             xtr, ytr = self._arrays(True)
             xte, yte = self._arrays(False)
@@ -447,6 +606,9 @@ def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generat
     return padded.permute(0, 2, 3, 1)[bidx, rows, cols].squeeze(1).permute(0, 3, 1, 2).contiguous()
 
 
+_DIGITS_IMAGES = 1797  # in scikit-learn's digits
+
+
 class DigitsDataModule(InMemoryDataModule):
     """The 8x8 handwritten digits that ship with scikit-learn (1,797 images): the embedded quickstart data set.
 
@@ -459,6 +621,21 @@ class DigitsDataModule(InMemoryDataModule):
 
     def __init__(self, test_size: int = 300, val_size: int = 200, **kwargs: int | None) -> None:
         super().__init__(val_size=val_size, **kwargs)  # type: ignore[arg-type]
+        n, name = _DIGITS_IMAGES, type(self).__name__  # at least one image for test and one for training
+        if not _is_int(test_size) or not 1 <= test_size <= n - 1:
+            lower = ", or lower val_size" if _is_int(test_size) and test_size > n - 1 - val_size else ""
+            raise ConfigError(
+                f"{name}: test_size={test_size!r} leaves no {'test' if lower == '' else 'training'} data (the digits "
+                f"have {n} images: test_size for test, val_size={val_size} for validation, the rest for training). "
+                f"Fix: set data.init_args.test_size between 1 and {max(1, n - 1 - val_size)}{lower} (the config "
+                f"file, or --data.test_size)"
+            )
+        if test_size + val_size > n - 1:  # as _split would find, but before anything is set up
+            raise ConfigError(
+                f"{name}: val_size={val_size} leaves no training data (the training set has {n - test_size} images: "
+                f"the digits' {n} less test_size={test_size} for test). Fix: set data.init_args.val_size between 0 "
+                f"and {n - 1 - test_size}, or lower test_size (the config file, or --data.val_size)"
+            )
         self.test_size = test_size
 
     def setup(self, stage: str | None = None) -> None:

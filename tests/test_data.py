@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 from pytorch_lightning.utilities.data import _update_dataloader
@@ -12,6 +14,7 @@ from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, Se
 
 from distill.data import (
     CIFAR10DataModule,
+    DataFileError,
     DataNotFoundError,
     DigitsDataModule,
     MNISTDataModule,
@@ -21,6 +24,7 @@ from distill.data import (
     random_crop_flip,
     resolve_data_dir,
 )
+from distill.errors import ConfigError
 from tests.conftest import data_root
 
 
@@ -102,11 +106,10 @@ def test_digits_embedded() -> None:
 
 
 def test_bad_datamodule_arguments() -> None:
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         DigitsDataModule(batch_size=0)
-    dm = DigitsDataModule(val_size=5000)
-    with pytest.raises(ValueError, match="val_size=5000 leaves no training data"):
-        dm.setup("fit")
+    with pytest.raises(ValueError, match="val_size=5000 leaves no training data"):  # checked as it is built
+        DigitsDataModule(val_size=5000)
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
@@ -220,3 +223,173 @@ def test_ctrl_c_mid_epoch_then_resume_ends_like_the_uninterrupted_run(tmp_path: 
     assert full["global_step"] == part["global_step"] == 63
     for key, value in full["state_dict"].items():
         torch.testing.assert_close(part["state_dict"][key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_workers": -1}, r"num_workers must be an integer >= 0, got -1\. Fix: set data.init_args.num_workers to 0"),
+    ({"eval_batch_size": -1}, r"eval_batch_size must be an integer >= 1, or null .*got -1\. Fix: .*eval_batch_size"),
+    ({"eval_batch_size": 0}, r"eval_batch_size must be an integer >= 1, or null .*got 0\."),
+    ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0\. Fix: set data.init_args.batch_size to 1"),
+    ({"batch_size": -5}, r"batch_size must be an integer >= 1, got -5"),
+    ({"batch_size": None}, r"batch_size must be an integer >= 1, got None"),
+])
+def test_loader_arguments_are_checked_as_the_module_is_built(kwargs: dict[str, object], match: str) -> None:
+    """Out-of-range loader arguments fail when the data module is built, naming the argument, its value and the valid
+    range, instead of as DataLoader's ValueError once a loader is made."""
+    with pytest.raises(ConfigError, match=rf"^DigitsDataModule: {match}"):
+        DigitsDataModule(**kwargs)  # type: ignore[arg-type]
+
+
+def test_eval_batch_size_none_means_batch_size() -> None:
+    assert DigitsDataModule(batch_size=7).eval_batch_size == 7
+    assert DigitsDataModule(batch_size=7, eval_batch_size=None).eval_batch_size == 7
+    assert DigitsDataModule(batch_size=7, eval_batch_size=3).eval_batch_size == 3
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"test_size": 5000}, r"test_size=5000 leaves no training data \(the digits have 1797 images.*Fix: set "
+                          r"data.init_args.test_size between 1 and 1596, or lower val_size"),
+    ({"test_size": 0}, r"test_size=0 leaves no test data .*test_size between 1 and 1596 \("),
+    ({"test_size": 1500, "val_size": 400}, r"val_size=400 leaves no training data \(the training set has 297 images"
+                                           r".*Fix: set data.init_args.val_size between 0 and 296, or lower test_size"),
+    ({"test_size": 300, "val_size": 1497}, r"val_size=1497 .*between 0 and 1496"),
+])
+def test_digits_sizes_are_checked_against_its_1797_images(kwargs: dict[str, int], match: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^DigitsDataModule: {match}"):
+        DigitsDataModule(**kwargs)
+
+
+def test_digits_largest_sizes_leave_one_training_image() -> None:
+    dm = DigitsDataModule(test_size=1596, val_size=200)
+    dm.setup("fit")
+    assert dm.train_set is not None and len(dm.train_set) == 1
+
+
+def _npz(path: Path, x_train: np.ndarray, y_train: np.ndarray) -> None:
+    np.savez(path, x_train_first2000=x_train, y_train_first2000=y_train,
+             x_test_first1000=np.zeros((3, 32, 32, 3), np.uint8), y_test_first1000=np.arange(3))
+
+
+def test_cifar10_subset_that_is_not_an_npz(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not an archive\n")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model.ckpt")
+    np.save(tmp_path / "one.npy", np.zeros((4, 32, 32, 3), np.uint8))
+    _npz(tmp_path / "good.npz", np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:500])
+    cases = {
+        "notes.txt": r"notes.txt is not an .npz archive \(a zip file; this one starts with b'not an'\)\. Fix: ",
+        "model.ckpt": r"model.ckpt lacks arrays \['x_train_first2000', .*it looks like a PyTorch checkpoint",
+        "one.npy": r"one.npy is a single .npy array, not an .npz archive",
+        "cut.npz": r"cut.npz cannot be read \(a truncated or corrupted .npz.*Fix: give as subset file an .npz",
+    }
+    for name, match in cases.items():
+        dm = CIFAR10DataModule(data_dir=str(tmp_path), subset_file=name, val_size=1)
+        with pytest.raises(DataFileError, match=rf"^CIFAR-10 subset file .*{match}"):
+            dm.setup("fit")
+
+
+@pytest.mark.parametrize(("x", "y", "match"), [
+    (np.zeros((4, 28, 28), np.uint8), np.arange(4), r"x_train_first2000 is uint8 of shape \(4, 28, 28\); expected "
+                                                     r"uint8 images of shape \(N, 32, 32, 3\)"),
+    (np.zeros((4, 3, 32, 32), np.uint8), np.arange(4), r"x_train_first2000 is uint8 of shape \(4, 3, 32, 32\)"),
+    (np.zeros((4, 32, 32, 3), np.float32), np.arange(4), r"x_train_first2000 is float32 of shape"),
+    (np.zeros((4, 32, 32, 3), np.uint8), np.arange(3), r"y_train_first2000 is int64 of shape \(3,\); expected "
+                                                       r"\(4,\) integer labels 0..9"),
+    (np.zeros((4, 32, 32, 3), np.uint8), np.array([0, 1, 2, 10]), r"y_train_first2000 .*labels 0..9"),
+])
+def test_cifar10_subset_with_wrong_arrays(tmp_path: Path, x: np.ndarray, y: np.ndarray, match: str) -> None:
+    _npz(tmp_path / "s.npz", x, y)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), subset_file="s.npz", val_size=1)
+    with pytest.raises(DataFileError, match=rf"^CIFAR-10 subset file .*s.npz: {match}"):
+        dm.setup("fit")
+
+
+def test_cifar10_subset_of_integer_pixels_loads_as_uint8(tmp_path: Path) -> None:
+    _npz(tmp_path / "s.npz", np.full((4, 32, 32, 3), 255, np.int64), np.arange(4))
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), subset_file="s.npz", val_size=1)
+    dm.setup("fit")
+    assert dm.train_set is not None and dm.train_set.x.dtype == torch.uint8 and dm.train_set.x.shape == (3, 3, 32, 32)
+    assert int(dm.train_set.x.min()) == 255
+
+
+def _idx(path: Path, shape: tuple[int, ...], size: int | None = None) -> None:
+    """A uint8 IDX file (MNIST's format) of ``shape``, cut to ``size`` bytes if given."""
+    data = (0x0800 | len(shape)).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in shape)
+    data += bytes(int(np.prod(shape)))
+    path.write_bytes(data if size is None else data[:size])
+
+
+def _mnist_raw(root: Path, train_images: int | None = None) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    _idx(raw / "train-images-idx3-ubyte", (60000, 28, 28) if train_images else (6, 28, 28), train_images)
+    _idx(raw / "train-labels-idx1-ubyte", (6,))
+    _idx(raw / "t10k-images-idx3-ubyte", (2, 28, 28))
+    _idx(raw / "t10k-labels-idx1-ubyte", (2,))
+    return raw
+
+
+def test_mnist_small_intact_files_load(tmp_path: Path) -> None:
+    _mnist_raw(tmp_path)
+    dm = MNISTDataModule(data_dir=str(tmp_path), download=False, val_size=1)
+    dm.setup("fit")
+    assert dm.train_set is not None and dm.test_set is not None
+    assert (len(dm.train_set), len(dm.test_set)) == (5, 2)
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_mnist_truncated_file_is_reported_as_damaged(tmp_path: Path, download: bool) -> None:
+    """A raw file cut short is damaged, not missing: the message names it, its size and the size its header asks
+    for, and says to delete it and download again (torchvision does not re-download files that are there)."""
+    raw = _mnist_raw(tmp_path, train_images=1000)
+    dm = MNISTDataModule(data_dir=str(tmp_path), download=download)
+    with pytest.raises(DataFileError, match=r"^MNIST file .*train-images-idx3-ubyte is damaged: 1,000 bytes, "
+                                            r"expected 47,040,016 .*\(truncated\?\)\. Fix: delete the damaged file"
+                                            r" .*--data.download true.*or copy intact files"):
+        dm.setup("fit")
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00")
+    with pytest.raises(DataFileError, match=r"train-images-idx3-ubyte is damaged: 2 bytes, too short"):
+        dm.setup("fit")
+    _idx(raw / "train-images-idx3-ubyte", (5, 28, 28))
+    with pytest.raises(DataFileError, match=r"train-labels-idx1-ubyte is damaged: 6 labels for the 5 images"):
+        dm.setup("fit")
+
+
+def test_mnist_failed_download_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With download=true and no network, the message quotes the download's failure and suggests copying the files,
+    not turning on the download that is already on."""
+    import torchvision.datasets.mnist
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise URLError("no network here")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    dm = MNISTDataModule(data_dir=str(tmp_path / "empty"), download=True)
+    with pytest.raises(DataNotFoundError, match=r"^MNIST not found under .*empty.MNIST.raw .*and the download failed: "
+                                                r"Error downloading .*no network here.*\. Fix: copy the four files "
+                                                r"\(or their .gz files\) into .*or point DISTILL_DATA") as info:
+        dm.prepare_data()
+    assert "--data.download true" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cifar10_damaged_or_undownloadable_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets.cifar
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise URLError("no network here")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DataNotFoundError, match=r"^CIFAR-10 not found under .* and the download failed: "
+                                                r".*no network here.*Fix: copy cifar-10-batches-py") as info:
+        CIFAR10DataModule(data_dir=str(tmp_path), download=True).setup("fit")
+    assert "--data.download true" not in str(info.value)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"):
+        (folder / name).write_bytes(b"cut short")
+    for download in (False, True):
+        with pytest.raises(DataFileError, match=r"^CIFAR-10 files under .*cifar-10-batches-py are damaged: "
+                                                r"data_batch_1 \(9 bytes\).*fail torchvision's MD5 check.*Fix: "
+                                                r"delete .*--data.download true"):
+            CIFAR10DataModule(data_dir=str(tmp_path), download=download).setup("fit")
