@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from distill import plots
+from distill.errors import ConfigError
 from distill.io import atomic_write_text
 from distill.report import NotARunError, load_run
 
@@ -572,8 +573,7 @@ def _run_sweep(
     config_path = Path(config)
     if not config_path.is_file():
         raise FileNotFoundError(f"config {str(config_path)!r} does not exist")
-    with open(config_path, encoding="utf-8") as fh:
-        base = yaml.safe_load(fh)
+    base = _read_yaml(config_path, "config", "give a `distill fit` YAML config, e.g. configs/quickstart/teacher.yaml")
     if not isinstance(base, dict):
         raise ValueError(f"config {str(config_path)!r} must be a YAML mapping, got {type(base).__name__}")
     fixed = dict(overrides or {})
@@ -662,12 +662,50 @@ def _run_sweep(
     return study
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        what = ", ".join(str(part) for part in (err.context, err.problem) if part)
+        mark = err.problem_mark or err.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{what or type(err).__name__}{where}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _read_yaml(path: str | os.PathLike[str], what: str, fix: str) -> Any:
+    """The parsed YAML file ``path``.
+
+    Raises:
+        ConfigError: if it cannot be read or is not valid YAML, naming ``what`` (e.g. "config"), the file, the
+            problem and ``fix``.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {str(path)!r}: {err.strerror or err}. Fix: {fix}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not a UTF-8 text file ({err.reason} at byte {err.start}). "
+                          f"Fix: {fix}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {_yaml_problem(err)}. Fix: correct the YAML "
+                          "there (indentation, an unclosed bracket or quote, a missing ': ')") from err
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
-    split_path(key)
-    return key, yaml.safe_load(value)
+    try:
+        split_path(key)
+        return key, yaml.safe_load(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from err
+    except yaml.YAMLError as err:  # argparse reports only ValueError/TypeError/ArgumentTypeError of a type function
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the value is not valid YAML ({_yaml_problem(err)}); write it as YAML, e.g. quote a "
+            "string that holds brackets, braces or ': '"
+        ) from err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -699,10 +737,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.trials < 1:
         parser.error(f"--trials must be >= 1, got {args.trials}")
+    if args.timeout is not None and not 0 < args.timeout < math.inf:
+        parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout}; leave it out for no limit")
     space = None
     if args.space is not None:
-        with open(args.space, encoding="utf-8") as fh:
-            space = yaml.safe_load(fh)
+        try:
+            space = _read_yaml(args.space, "--space file", "give an existing YAML search space (dotted key -> {type, "
+                              "low, high, log, choices}), or leave --space out to search the config's default space")
+        except ConfigError as err:
+            print(f"distill sweep: error: {err}", file=sys.stderr)
+            return 2
     study_dir = args.study_dir or str(Path("sweeps") / Path(args.config).stem)
 
     def on_term(signum: int, frame: Any) -> None:

@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,6 +91,42 @@ def network_from_checkpoint(path: str | Path) -> tuple[nn.Module, str]:
     )
 
 
+def _check_options(args: argparse.Namespace, command: str) -> None:
+    """Reject out-of-range numbers and an unusable ``--out`` right after parsing, naming the option and the fix
+    (the checks deep inside k-means, pruning and the DataLoader would otherwise fail with a bare ``ValueError``).
+
+    Raises:
+        CLIError: naming the option, the value given and the valid range.
+    """
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be an integer >= 1, got {args.batch_size}. Fix: e.g. --batch-size 1000")
+    if command != "compress":
+        return
+    for option, bits in (("--bits-conv", args.bits_conv), ("--bits-fc", args.bits_fc)):
+        if not 1 <= bits <= 16:
+            raise CLIError(
+                f"{option} must be an integer in 1..16 (k-means code bits), got {bits}. Fix: e.g. {option} "
+                f"{8 if option == '--bits-conv' else 5} (Han et al.'s setting)"
+            )
+    if args.quality is not None and not 0.0 <= args.quality < math.inf:
+        raise CLIError(
+            f"--quality must be a finite number >= 0 (prune |w| < quality * std of the layer), got {args.quality}. "
+            "Fix: e.g. --quality 0.5, or leave it out to keep the zeros already there"
+        )
+    if args.sparsity is not None and not 0.0 <= args.sparsity <= 1.0:
+        raise CLIError(
+            f"--sparsity must be a fraction of zeros in [0, 1], got {args.sparsity}. Fix: e.g. --sparsity 0.9 "
+            "(90% of each layer's weights pruned)"
+        )
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a folder; give a file path such as {out / 'model.dstl'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CLIError(f"--out {out}: {parent} is a file, not a folder; give a file path such as "
+                       f"{parent.parent / 'model.dstl'}")
+
+
 def _datamodule(name: str, data_dir: str | None, subset_file: str | None, batch_size: int) -> Any:
     from distill.data import CIFAR10DataModule, DigitsDataModule, MNISTDataModule
 
@@ -100,9 +137,31 @@ def _datamodule(name: str, data_dir: str | None, subset_file: str | None, batch_
     return DigitsDataModule(eval_batch_size=batch_size)
 
 
-def _test_batches(args: argparse.Namespace) -> tuple[Any, Any]:
+def _test_batches(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
+    from distill.data import DataFileError, DataNotFoundError
+
     dm = _datamodule(args.data, args.data_dir, args.subset_file, args.batch_size)
-    dm.setup("test")
+    try:
+        dm.setup("test")
+    except DataFileError as err:  # files there but unusable: a subset file's own fix is neutral, a damaged set's not
+        if args.subset_file is not None:
+            raise CLIError(user_message(err)) from err
+        problem = user_message(err).split(" Fix:")[0].rstrip(". ")
+        raise CLIError(f"{problem}. Fix: replace the damaged files with intact ones (copy them in, or download them "
+                       f"again with a `distill fit` run of --data.download true); `distill {command}` does not "
+                       "download data sets") from err
+    except DataNotFoundError as err:
+        # The data module's own "Fix" names `distill fit`'s options (--data.data_dir, --data.download); this command
+        # has other ones, and never downloads.
+        problem = user_message(err).split(" Fix:")[0].rstrip(". ").replace(" and download=False", "")
+        if args.data == "cifar10" and args.subset_file is not None:
+            fix = ("pass an existing .npz holding the CIFAR-10 subset arrays to --subset-file (absolute, or relative "
+                   "to --data-dir)")
+        else:
+            holds = "MNIST/raw" if args.data == "mnist" else "cifar-10-batches-py (or pass --subset-file SUBSET.npz)"
+            fix = (f"pass --data-dir DIR (or set DISTILL_DATA) naming a folder that holds {holds}; "
+                   f"`distill {command}` does not download data sets")
+        raise CLIError(f"{problem}. Fix: {fix}") from err
     return dm.test_dataloader(), (lambda b: dm.on_after_batch_transfer(b, 0))
 
 
@@ -152,9 +211,10 @@ def _compress(argv: list[str]) -> int:
     ap.add_argument("--subset-file", help="CIFAR-10 .npz subset")
     ap.add_argument("--batch-size", type=int, default=1000)
     args = ap.parse_args(argv)
+    _check_options(args, "compress")
     ckpt = find_checkpoint(args.checkpoint)
     net, key = network_from_checkpoint(ckpt)
-    loader, transform = _test_batches(args) if args.data else (None, None)
+    loader, transform = _test_batches(args, "compress") if args.data else (None, None)
     if args.data:
         _check_inputs(net, loader, transform, args.data, f"the network {key!r} of {ckpt}")
     out = Path(args.out)
@@ -184,9 +244,10 @@ def _evaluate(argv: list[str]) -> int:
     ap.add_argument("--subset-file", help="CIFAR-10 .npz subset")
     ap.add_argument("--batch-size", type=int, default=1000)
     args = ap.parse_args(argv)
+    _check_options(args, "evaluate")
     header = read_header(args.file)
     net = load_compressed(args.file)
-    loader, transform = _test_batches(args)
+    loader, transform = _test_batches(args, "evaluate")
     _check_inputs(net, loader, transform, args.data, f"the model in {args.file}")
     acc = evaluate_accuracy(net, loader, "cpu", transform)
     n_params = sum(p.numel() for p in net.parameters())

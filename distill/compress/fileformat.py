@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 import distill
-from distill.arch import arch_spec, build_module
+from distill.arch import ArchitectureError, arch_spec, build_module
 from distill.compress import huffman
 from distill.compress.params import compressible_parameters
 from distill.compress.sparse import best_index_bits, decode_positions, encode_positions
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.io import atomic_write_bytes
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "MAGIC",
     "READABLE_VERSIONS",
     "CompressedFileError",
+    "RebuildError",
     "decode_into",
     "load_compressed",
     "load_compressed_state_dict",
@@ -258,8 +259,13 @@ def _parse(blob: bytes, source: str) -> tuple[dict[str, Any], memoryview]:
     if len(blob) < _PREFIX.size or blob[:8] != MAGIC:
         if len(blob) < _PREFIX.size and MAGIC.startswith(blob[:8]) and blob:
             raise CompressedFileError(f"{source}: truncated ({len(blob)} bytes, not even a complete preamble)")
+        if blob[:4] == b"PK\x03\x04":  # a zip archive: what torch.save (a Lightning .ckpt) writes
+            fix = ("it looks like a PyTorch checkpoint. Fix: write a compressed file from it with "
+                   f"`distill compress {source} --out model.dstl` and use that")
+        else:
+            fix = "Fix: write one with `distill compress <checkpoint or run folder> --out model.dstl`"
         raise CompressedFileError(
-            f"{source}: not a distill compressed file (expected magic {MAGIC!r}, found {blob[:8]!r})"
+            f"{source}: not a distill compressed file (expected magic {MAGIC!r}, found {blob[:8]!r}); {fix}"
         )
     _, version, hlen = _PREFIX.unpack_from(blob)
     if version not in READABLE_VERSIONS:
@@ -414,15 +420,95 @@ def decode_into(module: nn.Module, path: str | os.PathLike[str], strict: bool = 
     return module
 
 
+class RebuildError(CompressedFileError, ArchitectureError):
+    """The architecture a compressed file records cannot be rebuilt into a model its tensors fit (e.g. a plain
+    ``nn.Module`` built with non-default constructor arguments, which the file could not record)."""
+
+
+def _rebuild_fix(path: str | os.PathLike[str], arch: Mapping[str, Any]) -> str:
+    cls = str(arch.get("class_path", "?")).rpartition(".")[2]
+    return (
+        f"Fix: build the model yourself and load the file into it with distill.compress.decode_into({cls}(...), "
+        f"{str(path)!r}), or write the file again with its constructor arguments recorded: "
+        f"save_compressed(model, path, arch={{'class_path': ..., 'init_args': {{...}}}}) (or give the class an "
+        "`init_args` dict attribute, as models/ do)"
+    )
+
+
+def _shape_mismatch(state: Mapping[str, torch.Tensor], model: nn.Module) -> str | None:
+    """The first difference between the file's tensors and ``model``'s state dict, in words; None if they fit."""
+    mine = model.state_dict()
+    for name, t in state.items():
+        if name in mine and tuple(mine[name].shape) != tuple(t.shape):
+            return (f"{name} is {list(t.shape)} in the file but {list(mine[name].shape)} in the rebuilt model")
+    missing = [n for n in mine if n not in state]
+    unexpected = [n for n in state if n not in mine]
+    if missing or unexpected:
+        parts = ([f"the rebuilt model has {missing[:3]} that the file lacks"] if missing else []) + (
+            [f"the file has {unexpected[:3]} that the rebuilt model lacks"] if unexpected else [])
+        return "; ".join(parts)
+    return None
+
+
+def _device(map_location: str | torch.device) -> torch.device:
+    try:
+        return torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ConfigError(
+            f"map_location={map_location!r} is not a torch device. Fix: pass 'cpu', 'cuda', 'cuda:0', 'mps' or a "
+            "torch.device"
+        ) from err
+
+
 def load_compressed(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model stored in a compressed file (architecture from the header, tensors decoded), in eval mode.
 
+    The architecture is the header's ``class_path``/``init_args``. A plain ``nn.Module`` records no constructor
+    arguments, so one built with non-default arguments cannot be rebuilt: build it yourself and load the tensors with
+    :func:`decode_into`.
+
+    Args:
+        path: the compressed file.
+        map_location: the device the model is moved to (``"cpu"``, ``"cuda:0"``, a ``torch.device``).
+
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        CompressedFileError: if the file is invalid.
+        CompressedFileError: if the file is invalid, or (:class:`RebuildError`, also a
+            :class:`distill.arch.ArchitectureError`) if its model cannot be rebuilt with shapes its tensors fit.
         distill.arch.ArchitectureError: if the model class cannot be imported or rebuilt.
+        distill.errors.ConfigError: if ``map_location`` is not a device, or not one this machine has.
     """
+    device = _device(map_location)
     state, header = load_compressed_state_dict(path)
-    model = build_module(header["arch"])
-    model.load_state_dict(state, strict=True)
-    return model.to(map_location).eval()
+    arch = header["arch"] if isinstance(header["arch"], Mapping) else {}
+    what = f"{path}: cannot rebuild the stored architecture {arch.get('class_path', '?')}"
+    try:
+        model = build_module(header["arch"])
+    except ArchitectureError as err:
+        if isinstance(err.__cause__, TypeError) and not arch.get("init_args"):  # constructor arguments not recorded
+            raise RebuildError(f"{what}: {err} (the file records no constructor arguments). "
+                               f"{_rebuild_fix(path, arch)}") from err
+        raise
+    mismatch = _shape_mismatch(state, model)
+    if mismatch is not None:
+        args = arch.get("init_args") or {}
+        raise RebuildError(
+            f"{what} with init_args {args} into a model whose shapes match the file ({mismatch}); "
+            f"{'it was probably built with other constructor arguments than its defaults. ' if not args else ''}"
+            f"{_rebuild_fix(path, arch)}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
+        raise RebuildError(f"{what}: its tensors do not load into the rebuilt model ({first}). "
+                           f"{_rebuild_fix(path, arch)}") from err
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as err:  # e.g. "Torch not compiled with CUDA enabled"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"map_location={map_location!r}: cannot move the model there ({first}). Fix: pass map_location='cpu' "
+            "or a device this machine has"
+        ) from err
+    return model.eval()
