@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import yaml
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -39,6 +40,10 @@ EXTRA_COMMANDS: dict[str, str] = {
 
 DEFAULT_RUN_ROOT = "runs"
 
+# Trainer settings where an int counts batches and a float is a fraction: see DistillCLI._whole_number_limits
+_WHOLE_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                      "overfit_batches", "val_check_interval")
+
 
 class DistillCLI(LightningCLI):
     """LightningCLI with distill's defaults.
@@ -54,6 +59,7 @@ class DistillCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        self._raw_args = list(sys.argv[1:] if args is None else args)  # for _whole_number_limits
         kwargs.setdefault("seed_everything_default", 42)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         trainer_defaults = {
@@ -99,6 +105,10 @@ class DistillCLI(LightningCLI):
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # jsonargparse turns them into floats again as it instantiates the classes: _whole_number_limits
+        section = self._get(self.config_init, "trainer")
+        for key, number in getattr(self, "_whole_limits", {}).items():
+            section[key] = number
         trainer = super().instantiate_trainer(**kwargs)
         # Lightning adds its own TQDMProgressBar when the config names none; swap in the time-limited one. A progress
         # bar the config gives in trainer.callbacks is the user's choice and stays.
@@ -109,6 +119,43 @@ class DistillCLI(LightningCLI):
             if type(cb) is TQDMProgressBar and not any(cb is c for c in configured):
                 callbacks[i] = ProgressBar(cb.refresh_rate, cb.process_position)
         return trainer
+
+    def before_instantiate_classes(self) -> None:
+        self._whole_number_limits()
+
+    def _whole_number_limits(self) -> None:
+        """Give the Trainer the whole numbers the user wrote for ``limit_*_batches`` & co., not floats.
+
+        For these settings Lightning reads an int as a number of batches and a float as a fraction (``1`` = one batch,
+        ``1.0`` = all). Their annotation is ``Union[int, float]``, but typing caches unions by equality, so an equal
+        ``Union[float, int]`` built earlier by another import may stand in for it, and jsonargparse then parses ``3``
+        as ``3.0`` (rejected by Lightning) and ``1`` as all batches. What the user wrote decides: the last config file
+        (``-c``) or command-line flag that sets the key, in order, as jsonargparse applies them.
+        """
+        sub = self.config.get("subcommand")
+        trainer = (self.config[sub] if sub else self.config).get("trainer")
+        if trainer is None:
+            return
+        raw: dict[str, Any] = {}
+        args = self._raw_args
+        for i, arg in enumerate(args):  # "--key value" or "--key=value" (a value's own token matches neither test)
+            name, eq, value = arg.partition("=")
+            if not eq:
+                value = args[i + 1] if i + 1 < len(args) else ""
+            if name in ("-c", "--config"):
+                try:
+                    with open(value) as f:
+                        loaded = yaml.safe_load(f)
+                except (OSError, yaml.YAMLError):  # jsonargparse has reported (or will report) a bad file
+                    loaded = None
+                section = loaded.get("trainer") if isinstance(loaded, dict) else None
+                if isinstance(section, dict):
+                    raw.update({k: section[k] for k in _WHOLE_OR_FRACTION if k in section})
+            elif name.startswith("--trainer.") and name[len("--trainer."):] in _WHOLE_OR_FRACTION:
+                raw[name[len("--trainer."):]] = int(value) if value.strip().isdigit() else value
+        self._whole_limits = {k: v for k, v in raw.items() if type(v) is int and trainer.get(k) == v}
+        for key, number in self._whole_limits.items():  # also in the config saved in the run folder
+            trainer[key] = number
 
     def _check_ckpt_path(self) -> None:
         """A missing or unreadable ``--ckpt_path`` fails here, in one line, not after the whole set-up."""
@@ -209,6 +256,21 @@ def _quiet_third_party() -> None:
                             category=FutureWarning, module=r"pytorch_lightning\.")
 
 
+def _empty_config(args: Sequence[str]) -> str | None:
+    """The first config file named by ``-c``/``--config`` that exists but holds nothing (blank, or comments only)."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in ("-c", "--config"):
+            path = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                with open(path) as f:
+                    if yaml.safe_load(f) is None:
+                        return path
+            except (OSError, yaml.YAMLError):  # missing or malformed: jsonargparse says so
+                continue
+    return None
+
+
 def _misconfiguration(exc: BaseException) -> BaseException | None:
     """Lightning's ``MisconfigurationException`` (a trainer setting this machine or run cannot honour, such as
     ``accelerator: gpu`` without a GPU) in the chain of ``exc``: the user's to fix, so it is reported without the
@@ -231,6 +293,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = _extra_command(args[0])(args[1:])
         raise SystemExit(code or 0)
     torch.set_float32_matmul_precision("high")
+    empty = _empty_config(args)
+    if empty is not None:  # jsonargparse says only "Unexpected config:"
+        print(f"distill: error: config file {empty!r} is empty. Fix: give a config with at least a model and data "
+              "section, e.g. configs/quickstart/teacher.yaml", file=sys.stderr)
+        raise SystemExit(2)
     try:
         # args=None when reading the command line: LightningCLI warns when given both args and a non-empty sys.argv
         DistillCLI(args=None if argv is None else args)

@@ -197,3 +197,23 @@ def test_default_profiler_is_the_cheap_no_op_and_a_real_one_replaces_it(tmp_path
         assert first is None and second is None  # a shared no-op context, reentrant
     cli = DistillCLI(args=[*base, "--trainer.profiler", "simple"], run=False)
     assert isinstance(cli.trainer.profiler, SimpleProfiler)
+
+
+def test_whole_number_batch_limits_count_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning reads an int as a number of batches and a float as a fraction; what the user wrote (config file or
+    command line, the last one that sets a key) decides, whatever order typing's cached Union puts int and float in."""
+    monkeypatch.chdir(tmp_path)
+    extra = tmp_path / "limits.yaml"
+    extra.write_text("trainer:\n  limit_train_batches: 3\n  limit_val_batches: 1.0\n")
+    teacher = str(REPO / "configs" / "quickstart" / "teacher.yaml")
+    cli = DistillCLI(args=["-c", teacher, "-c", str(extra), "--trainer.limit_test_batches", "2",
+                           "--trainer.val_check_interval=5", "--trainer.limit_predict_batches", "1.0"], run=False)
+    t = cli.trainer
+    assert (t.limit_train_batches, t.limit_test_batches, t.val_check_interval) == (3, 2, 5)
+    assert all(type(v) is int for v in (t.limit_train_batches, t.limit_test_batches, t.val_check_interval))
+    assert type(t.limit_val_batches) is float and type(t.limit_predict_batches) is float  # 1.0: all batches
+    # a later source wins, as jsonargparse applies them: the file's 1.0 after the flag's 1
+    cli = DistillCLI(args=["-c", teacher, "--trainer.limit_val_batches", "1", "-c", str(extra)], run=False)
+    assert type(cli.trainer.limit_val_batches) is float
+    cli = DistillCLI(args=["-c", teacher, "-c", str(extra), "--trainer.limit_val_batches", "1"], run=False)
+    assert cli.trainer.limit_val_batches == 1 and type(cli.trainer.limit_val_batches) is int

@@ -258,3 +258,12 @@ def test_lightnings_misconfiguration_is_one_line(tmp_path: Path, monkeypatch: py
     err = capsys.readouterr().err
     assert "distill: error: No supported gpu backend found. Fix: change the trainer setting it names" in err, err
     assert "Traceback" not in err
+
+
+def test_an_empty_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(empty)])
+    assert exit_info.value.code == 2
+    assert f"distill: error: config file '{empty}' is empty. Fix:" in capsys.readouterr().err
