@@ -374,8 +374,8 @@ class Distiller(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
                 "mode='layerwise' needs the input shape to check the mapped layers before training: pass "
                 "input_shape: [C, H, W] (or give the student an `input_shape` attribute)"
             )
-        s_in, s_out = _probe(student, [s for s, _ in self.pairs], tuple(shape))
-        t_in, t_out = _probe(teacher, [t for _, t in self.pairs], tuple(shape))
+        s_in, s_out = _probe(student, [s for s, _ in self.pairs], tuple(shape), "student")
+        t_in, t_out = _probe(teacher, [t for _, t in self.pairs], tuple(shape), "teacher")
         for s_path, t_path in self.pairs:
             if self.schedule == "independent" and s_in[s_path] != t_in[t_path]:
                 raise LayerMappingError(
@@ -673,7 +673,7 @@ class Distiller(ResumableRNGMixin, FastSetattrMixin, pl.LightningModule):
 
 @torch.no_grad()
 def _probe(
-    model: nn.Module, paths: list[str], input_shape: tuple[int, ...]
+    model: nn.Module, paths: list[str], input_shape: tuple[int, ...], role: str = "student"
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """Per-sample input and output shapes of the layers at ``paths`` for one dummy batch (eval mode)."""
     was_training = model.training
@@ -685,9 +685,12 @@ def _probe(
             try:
                 model(torch.zeros(2, *input_shape, device=device))
             except RuntimeError as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise LayerMappingError(
-                    f"{type(model).__name__}: a dummy forward with input shape {input_shape} failed ({err}); pass "
-                    f"the true per-sample input_shape"
+                    f"the {role} ({type(model).__name__}) cannot take inputs of per-sample shape {input_shape} (a "
+                    f"dummy forward failed: {first}). Fix: set input_shape to the data's per-sample shape if it is "
+                    f"not that; otherwise give a {role} built for the same inputs as the other network (trained on "
+                    "the same data)"
                 ) from err
             ins = {p: tuple(cap.inputs[p].shape[1:]) for p in paths if p in cap.inputs}
             outs = {p: tuple(cap.outputs[p].shape[1:]) for p in paths if p in cap.outputs}

@@ -381,8 +381,12 @@ def test_bad_mapping_fails_before_training() -> None:
     bare = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # no input_shape attribute
     with pytest.raises(LayerMappingError, match="needs the input shape"):
         Distiller(bare, nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), mode="layerwise", layers={"1": "1"})
-    with pytest.raises(LayerMappingError, match=r"dummy forward with input shape \(1, 8, 8\) failed"):
+    with pytest.raises(LayerMappingError, match=r"the student \(Sequential\) cannot take inputs of per-sample shape "
+                                                r"\(1, 8, 8\) \(a dummy forward failed: .*\)\. Fix: set input_shape"):
         Distiller(nn.Sequential(nn.Linear(64, 10)), teacher, mode="layerwise", layers={"0": "fc3"})
+    with pytest.raises(LayerMappingError, match=r"the teacher \(Sequential\) cannot take inputs .*give a teacher "
+                                                r"built for the same inputs"):
+        Distiller(teacher, nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), mode="layerwise", layers={"fc3": "1"})
 
 
 def test_make_adapter_shapes() -> None:
