@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 import yaml
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from distill.callbacks.checkpoint import AtomicCheckpointIO
 from distill.callbacks.checkpoint import ModelCheckpoint as FastModelCheckpoint
 from distill.callbacks.progress import ProgressBar
 from distill.compress.pipeline import format_summary
@@ -114,6 +116,10 @@ class DistillCLI(LightningCLI):
         # bar the config gives in trainer.callbacks is the user's choice and stays.
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
+        # checkpoints written in their own folder and renamed into place (distill.callbacks.checkpoint says why); a
+        # checkpoint IO plugin given in the config is kept
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connector
         for i, cb in enumerate(callbacks):
             if type(cb) is TQDMProgressBar and not any(cb is c for c in configured):

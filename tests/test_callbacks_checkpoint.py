@@ -85,3 +85,32 @@ def test_distill_fit_keeps_steps_on_ctrl_c_in_last_ckpt_only() -> None:
     cli = ParseOnlyCLI(args=["-c", str(REPO / "configs" / "quickstart" / "teacher.yaml")], run=False)
     assert cli.config["last_checkpoint"]["save_on_interrupt"] is True
     assert cli.config["checkpoint"]["save_on_interrupt"] is False  # the monitored "best" one
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save stopped half-way (Ctrl-C, a full disk) leaves the previous checkpoint as it was and no temporary file;
+    a finished one replaces it. ``distill fit`` installs it in place of Lightning's default."""
+    from distill.callbacks.checkpoint import AtomicCheckpointIO
+    from distill.cli import DistillCLI
+    from tests.conftest import REPO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+    def half_then_stop(obj: Any, f: Any) -> None:
+        Path(f).write_bytes(b"PK\x03\x04" + bytes(100))  # the start of a zip, then the interrupt
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    io.save_checkpoint({"step": 3}, path)
+    assert torch.load(path, weights_only=True)["step"] == 3
+    monkeypatch.chdir(tmp_path)
+    cli = DistillCLI(args=["-c", str(REPO / "configs" / "quickstart" / "teacher.yaml")], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO

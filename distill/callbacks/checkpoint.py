@@ -15,14 +15,41 @@ class resume with the other.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from pytorch_lightning.utilities.types import STEP_OUTPUT
 from typing_extensions import override
 
-__all__ = ["ModelCheckpoint"]
+from distill.io import atomic_path
+
+__all__ = ["AtomicCheckpointIO", "ModelCheckpoint"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's :class:`TorchCheckpointIO` writing local checkpoints atomically, in their own folder.
+
+    Lightning's save goes through an fsspec transaction, which writes the file in the system's temporary folder and
+    then moves it into place: when that folder is on another file system (``$TMPDIR`` on a tmpfs, a scratch disk) the
+    move is a copy, and a run stopped during it leaves ``last.ckpt`` cut short, the previous one already gone
+    (measured: 400,788 of 801,577 bytes, unreadable). Here the checkpoint is written to a hidden temporary file next to
+    its target, flushed to disk and renamed over it (:func:`distill.io.atomic_path`): the old file stays whole until
+    the new one is. Remote paths (``s3://``, ...) go to Lightning's own save. ``distill fit`` installs it in place of
+    Lightning's default; a checkpoint IO plugin the config names is kept.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        protocol = get_filesystem(path).protocol
+        if storage_options is not None or "file" not in (protocol if isinstance(protocol, tuple) else (protocol,)):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_path(os.fspath(path)) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 class ModelCheckpoint(_LightningModelCheckpoint):
