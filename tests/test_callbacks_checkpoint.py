@@ -114,3 +114,24 @@ def test_atomic_checkpoint_io_keeps_the_old_file_whole(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     cli = DistillCLI(args=["-c", str(REPO / "configs" / "quickstart" / "teacher.yaml")], run=False)
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+def test_resuming_a_finished_fit_does_the_end_of_training_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint of a training that had reached its end (Ctrl-C while PruneQuantize compressed, say) resumes into
+    a fit whose training loop Lightning skips, and with it on_train_end: the quantization and the compressed file are
+    then made at fit end, the same file as the first run's."""
+    from distill.cli import main
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4"]
+    main(["fit", "-c", str(REPO / "configs" / "quickstart" / "teacher.yaml"), *quiet])
+    student = ["fit", "-c", str(REPO / "configs" / "quickstart" / "student.yaml"), *quiet]
+    main(student)
+    runs = tmp_path / "runs" / "quickstart_student"
+    main([*student, "--ckpt_path", str(runs / "checkpoints" / "last.ckpt")])
+    first, resumed = runs / "version_0", runs / "version_1"
+    for name in ("model.dstl", "accuracy.json", "gmm_history.json"):
+        assert (resumed / name).is_file(), name
+    assert (resumed / "model.dstl").read_bytes() == (first / "model.dstl").read_bytes()

@@ -28,7 +28,14 @@ from typing_extensions import override
 
 from distill.io import atomic_path
 
-__all__ = ["AtomicCheckpointIO", "ModelCheckpoint"]
+__all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "training_skipped_on_resume"]
+
+
+def training_skipped_on_resume(trainer: pl.Trainer) -> bool:
+    """Whether this fit resumed from a checkpoint of a training that had already reached its end (e.g. one written
+    by Ctrl-C while the end-of-training work, compression or quantization, ran): Lightning then skips the training
+    loop, and with it ``on_train_end``, so that work is to be done in ``on_fit_end`` instead."""
+    return bool(trainer.state.fn == "fit" and trainer.ckpt_path is not None and trainer.fit_loop.done)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -43,6 +43,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from typing_extensions import override
 
+from distill.callbacks.checkpoint import training_skipped_on_resume
 from distill.callbacks.pruning import mask_optimizer_state
 from distill.compress.kmeans import kmeans_1d
 from distill.compress.params import compressible_parameters, network_of
@@ -212,6 +213,8 @@ class GMMPrior(Callback):
         ValueError: on an argument outside its range (the message names it).
     """
 
+    _train_ended = False  # on_train_end ran in this fit (see on_fit_end)
+
     def __init__(
         self,
         num_components: int = 16,
@@ -360,6 +363,7 @@ class GMMPrior(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = False
         params = self.filter_parameters(pl_module)
         if not params:
             raise ValueError(
@@ -789,7 +793,15 @@ class GMMPrior(Callback):
 
     # -- the end: merge and quantize -----------------------------------------------------------------------------------
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # resumed from a checkpoint of a finished training (stopped during this end-of-training work): Lightning
+        # skips the training loop and on_train_end, so the work is done here (before FigureLogger draws, at teardown)
+        if not self._train_ended and training_skipped_on_resume(trainer):
+            self.on_train_end(trainer, pl_module)
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = True
         if self.save_weights:
             self._final = self._flat_weights()
         if self.quantize_on_end:

@@ -22,6 +22,7 @@ from pytorch_lightning.trainer.states import RunningStage
 from torch import nn
 from typing_extensions import override
 
+from distill.callbacks.checkpoint import training_skipped_on_resume
 from distill.callbacks.gmm_prior import GMMPrior
 from distill.compress.kmeans import clusters_for_bits
 from distill.compress.params import network_of
@@ -122,6 +123,8 @@ class PruneQuantize(Callback):
             ``module_attr`` that the LightningModule lacks, in ``on_fit_start`` (before any training step).
     """
 
+    _train_ended = False  # on_train_end ran in this fit (see on_fit_end)
+
     def __init__(
         self,
         bits_conv: int = 8,
@@ -205,6 +208,7 @@ class PruneQuantize(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = False
         try:  # a wrong module_attr would otherwise fail only at the end of training (configure_model has run now)
             self.network(pl_module)
         except ConfigError as err:
@@ -214,7 +218,15 @@ class PruneQuantize(Callback):
             gmm.quantize_on_end = False
 
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # resumed from a checkpoint of a finished training (stopped during this end-of-training work): Lightning
+        # skips the training loop and on_train_end, so the work is done here (before FigureLogger draws, at teardown)
+        if not self._train_ended and training_skipped_on_resume(trainer):
+            self.on_train_end(trainer, pl_module)
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = True
         if trainer.is_global_zero:
             self.compress(trainer, pl_module)
 
