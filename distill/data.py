@@ -178,7 +178,11 @@ class ResumableDataLoader(DataLoader):
         sampler = self.batch_sampler
         gen = sampler.epoch_generator_state if isinstance(sampler, TensorBatchSampler) else None
         done, over = self.progress() if self.progress is not None else (0, True)
-        return {"generator_state": gen, "completed_batches": done, "epoch_over": over, "rng": rng_states()}
+        trainer = getattr(self.progress, "__self__", None)
+        trainer = getattr(trainer, "trainer", None)
+        closing = bool(over and self.progress is not None and getattr(trainer, "validating", False))
+        return {"generator_state": gen, "completed_batches": done, "epoch_over": over, "rng": rng_states(),
+                "closing_validation": closing}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         sampler = self.batch_sampler
@@ -187,6 +191,23 @@ class ResumableDataLoader(DataLoader):
         if isinstance(sampler, TensorBatchSampler) and isinstance(gen, torch.Tensor) and 0 < done < len(sampler) \
                 and not state.get("epoch_over", False):
             sampler.resume_from(gen, done, state.get("rng"))
+        elif state.get("closing_validation") and state.get("rng") is not None:
+            # Stopped in the validation that closes an epoch: Lightning resumes by running that validation again,
+            # whose loader draws from the global generator as its iterator is made; the next epoch's iterator then
+            # starts from the random states of the stop, as it did in the uninterrupted run.
+            self._restore_rng = (state["rng"], done)
+
+    _restore_rng: tuple[Mapping[str, Any], int] | None = None
+
+    def _get_iterator(self) -> Any:
+        pending = self._restore_rng
+        # Lightning makes an iterator for the finished epoch it re-enters too (its batch count restored), and fetches
+        # nothing from it: the states are restored for the next epoch's, before the DataLoader's iterator draws its
+        # base seed, as in the uninterrupted run
+        if pending is not None and not (self.progress is not None and self.progress()[0] >= pending[1]):
+            self._restore_rng = None
+            set_rng_states(pending[0])
+        return super()._get_iterator()
 
 
 class InMemoryDataModule(pl.LightningDataModule):

@@ -189,10 +189,12 @@ def test_tensor_batch_sampler_resumes_the_rest_of_an_epoch() -> None:
     assert not torch.equal(list(sampler)[0], epoch[0])  # then a fresh epoch, as before
 
 
-def test_ctrl_c_mid_epoch_then_resume_ends_like_the_uninterrupted_run(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("where", ["training", "validation"])
+def test_ctrl_c_mid_epoch_then_resume_ends_like_the_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      where: str) -> None:
     """last.ckpt written on Ctrl-C holds the loader's place and the random states: the rest of that epoch's batches
-    follow, and the run ends bit-identical to one never interrupted."""
+    follow (or, stopped in the epoch's closing validation, the next epoch), and the run ends bit-identical to one never
+    interrupted."""
     import pytorch_lightning as pl
 
     from distill.cli import DistillCLI
@@ -200,8 +202,12 @@ def test_ctrl_c_mid_epoch_then_resume_ends_like_the_uninterrupted_run(tmp_path: 
 
     class CtrlC(pl.Callback):
         def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-            if trainer.global_step == 30:  # batch 9 of epoch 1 (21 batches an epoch)
+            if where == "training" and trainer.global_step == 30:  # batch 9 of epoch 1 (21 batches an epoch)
                 raise KeyboardInterrupt
+
+        def on_validation_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+            if where == "validation" and trainer.current_epoch == 1 and not trainer.sanity_checking:
+                raise KeyboardInterrupt  # in epoch 1's closing validation, its 21 batches trained
 
     monkeypatch.chdir(tmp_path)
     base = ["-c", str(REPO / "configs" / "quickstart" / "teacher.yaml"), "--trainer.logger", "false",
@@ -216,7 +222,7 @@ def test_ctrl_c_mid_epoch_then_resume_ends_like_the_uninterrupted_run(tmp_path: 
     fit("full", [])
     with pytest.raises(SystemExit):  # Lightning exits after a KeyboardInterrupt
         fit("part", [CtrlC()])
-    assert torch.load("part/last.ckpt", weights_only=True)["global_step"] == 30
+    assert torch.load("part/last.ckpt", weights_only=True)["global_step"] == (30 if where == "training" else 42)
     fit("part", [], ckpt="part/last.ckpt")
     full = torch.load("full/last.ckpt", weights_only=True)
     part = torch.load("part/last.ckpt", weights_only=True)
