@@ -214,6 +214,9 @@ class GMMPrior(Callback):
     """
 
     _train_ended = False  # on_train_end ran in this fit (see on_fit_end)
+    _mixture_pending = False  # the mixture's gradients are set for a network step: it steps after that one
+    _network_stepped = False  # ...which has run (an optimizer step post-hook)
+    _step_hooks: list[Any] = []  # noqa: RUF012 - replaced per fit, never mutated in place
 
     def __init__(
         self,
@@ -376,6 +379,13 @@ class GMMPrior(Callback):
             raise ValueError(f"GMMPrior: parameters {missing} are not in any optimizer of the module")
         self._params = params
         self.num_weights = sum(p.numel() for p in params.values())
+        self._mixture_pending = False
+        self._network_stepped = False
+        for handle in self._step_hooks:
+            handle.remove()
+        first = next(iter(params.values()))
+        self._step_hooks = [opt.register_step_post_hook(self._after_network_step) for opt in trainer.optimizers
+                            if any(p is first for g in opt.param_groups for p in g["params"])]
         self._run_dir = run_folder(trainer)  # on every rank (log_dir broadcasts)
         self.mixture.to(device=pl_module.device, dtype=torch.float32)
         with torch.no_grad():  # own storage: under ddp_spawn on CPU the pickled tensors share memory across ranks
@@ -455,6 +465,7 @@ class GMMPrior(Callback):
         first = next(iter(self._params.values()))
         if not any(p is first for g in optimizer.param_groups for p in g["params"]):
             return  # another optimizer (manual optimization with several)
+        self._finish_mixture_step()  # a step left from an earlier network step of this batch (manual optimization)
         scale = self.current_tau(trainer.current_epoch) / float(self.dataset_size or 1)
         self.apply_prior_gradient(scale=scale, step=trainer.global_step)
         if self.masks:
@@ -462,8 +473,33 @@ class GMMPrior(Callback):
                 g = self._params[name].grad
                 if g is not None:
                     g.mul_(mask)
-        if not self._network_step_skipped(trainer, optimizer):
+        # The mixture steps once the network's optimizer has (the same arithmetic: neither step reads what the other
+        # changes), so that a Ctrl-C between the two cannot leave the mixture a step ahead in last.ckpt; one caught
+        # between the network's step and the mixture's finishes the pair first (on_exception).
+        self._mixture_pending = not self._network_step_skipped(trainer, optimizer)
+        self._network_stepped = False
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._step_hooks:  # no hook of this run left on an optimizer a later fit may reuse
+            handle.remove()
+        self._step_hooks = []
+
+    def _after_network_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._network_stepped = True
+
+    def _finish_mixture_step(self) -> None:
+        if self._mixture_pending:
+            self._mixture_pending = False
             self.step_mixture()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # runs before the checkpoints' on_exception (Lightning puts ModelCheckpoint callbacks last): the interrupted
+        # state they save has both steps of the batch or neither
+        if self._mixture_pending and self._network_stepped:
+            self._finish_mixture_step()
+        self._mixture_pending = False
 
     def step_mixture(self) -> None:
         """One optimizer step of the mixture's parameters (after :meth:`apply_prior_gradient` set their gradients)."""
@@ -598,6 +634,7 @@ class GMMPrior(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._finish_mixture_step()
         if self.masks:
             self._apply_masks()  # Adam's moments or weight decay may have moved a pruned weight
         if self.last_prior_loss is not None:
@@ -802,6 +839,7 @@ class GMMPrior(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_ended = True
+        self._finish_mixture_step()
         if self.save_weights:
             self._final = self._flat_weights()
         if self.quantize_on_end:
