@@ -166,21 +166,20 @@ class ResumableDataLoader(DataLoader):
     and epoch and nothing is restored; a single-process checkpoint still loads).
 
     Args:
-        progress: ``() -> (batches done in the current epoch, epoch over)``; ``None``: nothing to resume.
+        progress: ``() -> (batches done in the current epoch, epoch over, in the validation that closes it)``;
+            ``None``: nothing to resume.
         *args, **kwargs: ``DataLoader``'s.
     """
 
-    def __init__(self, *args: Any, progress: Callable[[], tuple[int, bool]] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, bool, bool]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.progress = progress
 
     def state_dict(self) -> dict[str, Any]:
         sampler = self.batch_sampler
         gen = sampler.epoch_generator_state if isinstance(sampler, TensorBatchSampler) else None
-        done, over = self.progress() if self.progress is not None else (0, True)
-        trainer = getattr(self.progress, "__self__", None)
-        trainer = getattr(trainer, "trainer", None)
-        closing = bool(over and self.progress is not None and getattr(trainer, "validating", False))
+        done, over, closing = self.progress() if self.progress is not None else (0, True, False)
         return {"generator_state": gen, "completed_batches": done, "epoch_over": over, "rng": rng_states(),
                 "closing_validation": closing}
 
@@ -290,16 +289,17 @@ class InMemoryDataModule(pl.LightningDataModule):
             **extra,
         )
 
-    def _epoch_progress(self) -> tuple[int, bool]:
-        """``(batches of the current epoch Lightning has processed, whether the epoch is over)``: where a resumed
-        fit restarts (``limit_train_batches`` may end an epoch short of the loader's length)."""
+    def _epoch_progress(self) -> tuple[int, bool, bool]:
+        """``(batches of the current epoch Lightning has processed, whether the epoch is over, whether the validation
+        that closes it runs)``: where a resumed fit restarts (``limit_train_batches`` may end an epoch short of the
+        loader's length)."""
         trainer = getattr(self, "trainer", None)
         loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
         if loop is None:
-            return 0, True
+            return 0, True, False
         done = int(loop.batch_progress.current.processed)
-        per_epoch = getattr(trainer, "num_training_batches", math.inf)
-        return done, done >= per_epoch
+        over = done >= getattr(trainer, "num_training_batches", math.inf)
+        return done, over, over and bool(getattr(trainer, "validating", False))
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """The ``(x, y)`` tensor pairs of these loaders go straight to the device; anything else the Lightning way.
