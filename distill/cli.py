@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,14 @@ from distill.callbacks.checkpoint import AtomicCheckpointIO
 from distill.callbacks.checkpoint import ModelCheckpoint as FastModelCheckpoint
 from distill.callbacks.progress import ProgressBar
 from distill.compress.pipeline import format_summary
-from distill.errors import CheckpointError, check_checkpoint_file, find_config_error, find_user_error, user_message
+from distill.errors import (
+    CheckpointError,
+    check_checkpoint_file,
+    find_config_error,
+    find_exception,
+    find_user_error,
+    user_message,
+)
 
 __all__ = ["DistillCLI", "main"]
 
@@ -59,6 +66,9 @@ class DistillCLI(LightningCLI):
       default redraws after every batch, 8-12% of a small CPU model's throughput),
     * no profiler, without the cost of Lightning's default no-op one (:class:`distill.module_utils.NoOpProfiler`).
     """
+
+    _whole_limits: dict[str, int] = {}  # noqa: RUF012 - replaced, never mutated: _whole_number_limits
+    _checked_ckpt_path: Any = None  # the --ckpt_path already checked (_check_ckpt_path runs twice)
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         self._raw_args = list(sys.argv[1:] if args is None else args)  # for _whole_number_limits
@@ -109,7 +119,7 @@ class DistillCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # jsonargparse turns them into floats again as it instantiates the classes: _whole_number_limits
         section = self._get(self.config_init, "trainer")
-        for key, number in getattr(self, "_whole_limits", {}).items():
+        for key, number in self._whole_limits.items():
             section[key] = number
         trainer = super().instantiate_trainer(**kwargs)
         # Lightning adds its own TQDMProgressBar when the config names none; swap in the time-limited one. A progress
@@ -143,17 +153,9 @@ class DistillCLI(LightningCLI):
         if trainer is None:
             return
         raw: dict[str, Any] = {}
-        args = self._raw_args
-        for i, arg in enumerate(args):  # "--key value" or "--key=value" (a value's own token matches neither test)
-            name, eq, value = arg.partition("=")
-            if not eq:
-                value = args[i + 1] if i + 1 < len(args) else ""
-            if name in ("-c", "--config"):
-                try:
-                    with open(value) as f:
-                        loaded = yaml.safe_load(f)
-                except (OSError, yaml.YAMLError):  # jsonargparse has reported (or will report) a bad file
-                    loaded = None
+        for name, value in _options(self._raw_args):
+            if name in _CONFIG_FLAGS:
+                loaded = _load_yaml(value)
                 section = loaded.get("trainer") if isinstance(loaded, dict) else None
                 if isinstance(section, dict):
                     raw.update({k: section[k] for k in _WHOLE_OR_FRACTION if k in section})
@@ -169,9 +171,9 @@ class DistillCLI(LightningCLI):
         path = self.config[sub].get("ckpt_path") if sub else None
         # Lightning's special values ("last", "best", "hpc", "registry[:...]") and remote URLs go to Lightning as given
         if path and str(path) not in ("last", "best", "hpc") and not str(path).startswith("registry") \
-                and "://" not in str(path) and self.__dict__.get("_checked_ckpt_path") != path:
+                and "://" not in str(path) and self._checked_ckpt_path != path:
             check_checkpoint_file(path, "--ckpt_path", lightning=True)  # reads the file: once per path
-            self.__dict__["_checked_ckpt_path"] = path
+            self._checked_ckpt_path = path
 
     def _parse_ckpt_path(self) -> None:
         # Lightning (>= 2.5) reads the checkpoint's hyper-parameters here, in __init__, with torch's bare errors
@@ -262,33 +264,31 @@ def _quiet_third_party() -> None:
                             category=FutureWarning, module=r"pytorch_lightning\.")
 
 
-def _empty_config(args: Sequence[str]) -> str | None:
-    """The first config file named by ``-c``/``--config`` that exists but holds nothing (blank, or comments only)."""
+_CONFIG_FLAGS = ("-c", "--config")
+_UNREADABLE = object()  # _load_yaml's result for a file that cannot be read or parsed
+
+
+def _options(args: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """``(name, value)`` for each token of a command line, as ``--key value`` or ``--key=value`` (a value's own token
+    comes out as a name too, and matches no option the callers look for)."""
     for i, arg in enumerate(args):
         name, eq, value = arg.partition("=")
-        if name in ("-c", "--config"):
-            path = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-            try:
-                with open(path) as f:
-                    if yaml.safe_load(f) is None:
-                        return path
-            except (OSError, yaml.YAMLError):  # missing or malformed: jsonargparse says so
-                continue
-    return None
+        yield name, value if eq else (args[i + 1] if i + 1 < len(args) else "")
 
 
-def _misconfiguration(exc: BaseException) -> BaseException | None:
-    """Lightning's ``MisconfigurationException`` (a trainer setting this machine or run cannot honour, such as
-    ``accelerator: gpu`` without a GPU) in the chain of ``exc``: the user's to fix, so it is reported without the
-    traceback."""
-    cur: BaseException | None = exc
-    seen: set[int] = set()
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, MisconfigurationException):
-            return cur
-        cur = cur.__cause__ or cur.__context__
-    return None
+def _load_yaml(path: str) -> Any:
+    """A config file's contents (``None`` when it holds nothing), or ``_UNREADABLE``: missing or malformed files are
+    jsonargparse's to report."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return _UNREADABLE
+
+
+def _empty_config(args: Sequence[str]) -> str | None:
+    """The first config file named by ``-c``/``--config`` that exists but holds nothing (blank, or comments only)."""
+    return next((path for name, path in _options(args) if name in _CONFIG_FLAGS and _load_yaml(path) is None), None)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -315,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             message = user_message(err)
         elif (config := find_config_error(exc)) is not None:  # an argument check in a configured class's __init__
             message = f"{config[0]}: {config[1]}. Fix: change it in the config file or on the command line."
-        elif (setting := _misconfiguration(exc)) is not None:  # Lightning's own check of the trainer's settings
+        # Lightning's own check of the trainer's settings (accelerator: gpu without a GPU, ...): the user's to fix
+        elif (setting := find_exception(exc, MisconfigurationException)) is not None:
             message = (f"{user_message(setting).rstrip('.!')}. Fix: change the trainer setting it names, in the config "
                        "file or on the command line (e.g. --trainer.accelerator cpu where there is no GPU).")
         else:

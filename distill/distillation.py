@@ -42,7 +42,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from distill.arch import arch_spec, build_module
-from distill.errors import CheckpointError, DistillError, producer_hint, read_checkpoint
+from distill.errors import CheckpointError, DistillError, first_line, producer_hint, read_checkpoint
 from distill.hooks import FeatureCapture, get_module
 from distill.io import atomic_path
 from distill.losses import feature_mse, kd_kl, softmax_mse, weighted_distillation
@@ -685,12 +685,11 @@ def _probe(
             try:
                 model(torch.zeros(2, *input_shape, device=device))
             except RuntimeError as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise LayerMappingError(
                     f"the {role} ({type(model).__name__}) cannot take inputs of per-sample shape {input_shape} (a "
-                    f"dummy forward failed: {first}). Fix: set input_shape to the data's per-sample shape if it is "
-                    f"not that; otherwise give a {role} built for the same inputs as the other network (trained on "
-                    "the same data)"
+                    f"dummy forward failed: {first_line(err)}). Fix: set input_shape to the data's per-sample shape "
+                    f"if it is not that; otherwise give a {role} built for the same inputs as the other network "
+                    "(trained on the same data)"
                 ) from err
             ins = {p: tuple(cap.inputs[p].shape[1:]) for p in paths if p in cap.inputs}
             outs = {p: tuple(cap.outputs[p].shape[1:]) for p in paths if p in cap.outputs}

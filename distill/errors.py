@@ -16,15 +16,18 @@ import os
 import re
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 __all__ = ["CheckpointError", "ConfigError", "DistillError", "MissingCheckpointError", "check_checkpoint_file",
-           "find_config_error", "find_user_error", "producer_hint", "read_checkpoint", "user_message"]
+           "find_config_error", "find_exception", "find_user_error", "first_line", "producer_hint", "read_checkpoint",
+           "user_message"]
 
 _REPO = Path(__file__).resolve().parents[1]
+_E = TypeVar("_E", bound=BaseException)
 
 
 class DistillError(Exception):
@@ -75,15 +78,8 @@ def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> A
         FileNotFoundError: if ``path`` is not a file (a :class:`CheckpointError`).
         CheckpointError: if the file is not a readable checkpoint, naming the file and the reason.
     """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise MissingCheckpointError(_folder_message(what, path))
-    if not p.is_file():
-        hint = producer_hint(p) or "Fix: point at an existing checkpoint, or run the training that writes it first."
-        raise MissingCheckpointError(f"{what} {str(path)!r} does not exist (or is not a file). {hint}")
-    reason = _not_a_zip(p) or _corrupt_member(p)
-    if reason is not None:
-        raise _unreadable(what, path, reason)
+    p = _intact_file(path, what, lambda: producer_hint(Path(path).expanduser())
+                     or "Fix: point at an existing checkpoint, or run the training that writes it first.")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file: say which and why, in the user's terms
@@ -130,12 +126,27 @@ def _corrupt_member(path: Path) -> str | None:
     return None if bad is None else f"the file is corrupted (its member {bad!r} fails its CRC-32 check)"
 
 
-def _folder_message(what: str, path: str | os.PathLike[str]) -> str:
+def _intact_file(path: str | os.PathLike[str], what: str, missing_fix: Callable[[], str]) -> Path:
+    """``path`` as a :class:`Path`, checked without loading it: a file (not a folder: then the checkpoint in it is
+    suggested), a complete zip archive (the format ``torch.save`` writes), no member failing its CRC-32.
+    ``missing_fix()`` gives the fix for a path that does not exist (only then: it may search the configs).
+
+    Raises:
+        MissingCheckpointError: for a folder, or a path that does not exist (with ``missing_fix``).
+        CheckpointError: for a file that is not a complete, intact checkpoint archive.
+    """
     p = Path(path).expanduser()
-    found = next((c for c in (p / "checkpoints" / "last.ckpt", p / "last.ckpt") if c.is_file()), None)
-    example = str(found) if found is not None else f"{Path(path) / 'checkpoints' / 'last.ckpt'}"
-    return (f"{what} {str(path)!r} is a folder, not a checkpoint file. Fix: give the checkpoint file in it, "
-            f"e.g. {example}")
+    if p.is_dir():
+        found = next((c for c in (p / "checkpoints" / "last.ckpt", p / "last.ckpt") if c.is_file()), None)
+        example = str(found) if found is not None else f"{Path(path) / 'checkpoints' / 'last.ckpt'}"
+        raise MissingCheckpointError(f"{what} {str(path)!r} is a folder, not a checkpoint file. Fix: give the "
+                                     f"checkpoint file in it, e.g. {example}")
+    if not p.is_file():
+        raise MissingCheckpointError(f"{what} {str(path)!r} does not exist (or is not a file). {missing_fix()}")
+    reason = _not_a_zip(p) or _corrupt_member(p)
+    if reason is not None:
+        raise _unreadable(what, path, reason)
+    return p
 
 
 def check_checkpoint_file(path: str | os.PathLike[str], what: str = "checkpoint", lightning: bool = False) -> None:
@@ -147,15 +158,8 @@ def check_checkpoint_file(path: str | os.PathLike[str], what: str = "checkpoint"
     which Lightning reads with a bare ``KeyError``). Its keys are read with ``mmap=True``: the tensors are not loaded.
     A checkpoint whose extra entries need full unpickling (a user's own hyper-parameter objects) is left to Lightning.
     """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise MissingCheckpointError(_folder_message(what, path))
-    if not p.is_file():
-        raise MissingCheckpointError(f"{what} {str(path)!r} does not exist (or is not a file). Fix: give the path of a "
-                                      "checkpoint written by `distill fit`, e.g. runs/<name>/checkpoints/last.ckpt")
-    reason = _not_a_zip(p) or _corrupt_member(p)
-    if reason is not None:
-        raise _unreadable(what, path, reason)
+    p = _intact_file(path, what, lambda: "Fix: give the path of a checkpoint written by `distill fit`, e.g. "
+                                         "runs/<name>/checkpoints/last.ckpt")
     if not lightning:
         return
     try:
@@ -172,6 +176,12 @@ def check_checkpoint_file(path: str | os.PathLike[str], what: str = "checkpoint"
             f"(it holds {held}). Fix: give a checkpoint written by `distill fit` (runs/<name>/checkpoints/last.ckpt); "
             "to start from plain weights, use the LoadWeights callback instead of --ckpt_path"
         )
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (torch's often span many), or its type's name if it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def user_message(err: BaseException) -> str:
@@ -223,7 +233,13 @@ def find_config_error(exc: BaseException) -> tuple[str, ValueError] | None:
     return None
 
 
+def find_exception(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of type ``kind`` in the chain of ``exc`` (itself, then its ``__cause__`` and
+    ``__context__``, recursively), or ``None``."""
+    return next((cur for cur in _chain(exc) if isinstance(cur, kind)), None)
+
+
 def find_user_error(exc: BaseException) -> DistillError | None:
     """The :class:`DistillError` that caused ``exc``, following ``__cause__`` and ``__context__`` (jsonargparse
     and Lightning re-raise their own exceptions from ours), or ``None``."""
-    return next((cur for cur in _chain(exc) if isinstance(cur, DistillError)), None)
+    return find_exception(exc, DistillError)

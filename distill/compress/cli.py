@@ -22,7 +22,7 @@ from torch import nn
 from distill.arch import ArchitectureError, build_module
 from distill.compress.fileformat import load_compressed, read_header
 from distill.compress.pipeline import deep_compress, evaluate_accuracy, format_summary, result_summary
-from distill.errors import DistillError, read_checkpoint, user_message
+from distill.errors import DistillError, first_line, read_checkpoint, user_message
 
 __all__ = ["compress_main", "evaluate_main", "find_checkpoint", "network_from_checkpoint"]
 
@@ -174,9 +174,9 @@ def _check_inputs(net: nn.Module, loader: Any, transform: Any, data: str, what: 
         with torch.no_grad():
             net(x[:2])
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CLIError(
-            f"{what} does not take --data {data}'s inputs (batches of shape {tuple(x.shape[1:])}): {first}. "
+            f"{what} does not take --data {data}'s inputs (batches of shape {tuple(x.shape[1:])}): "
+            f"{first_line(err)}. "
             "Fix: give --data the data set the model was trained on (mnist, cifar10 or digits)"
         ) from err
     finally:

@@ -33,7 +33,7 @@ from distill.arch import ArchitectureError, arch_spec, build_module
 from distill.compress import huffman
 from distill.compress.params import compressible_parameters
 from distill.compress.sparse import best_index_bits, decode_positions, encode_positions
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError, DistillError, first_line
 from distill.io import atomic_write_bytes
 
 __all__ = [
@@ -506,9 +506,8 @@ def load_compressed(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as err:  # e.g. "Torch not compiled with CUDA enabled"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"map_location={map_location!r}: cannot move the model there ({first}). Fix: pass map_location='cpu' "
-            "or a device this machine has"
+            f"map_location={map_location!r}: cannot move the model there ({first_line(err)}). Fix: pass "
+            "map_location='cpu' or a device this machine has"
         ) from err
     return model.eval()
