@@ -52,6 +52,7 @@ from distill.module_utils import piecewise_schedule, schedule_at, should_log_ste
 from distill.priors import (
     GaussianMixturePrior,
     MixtureTable,
+    _mixture_param_grads,
     merge_components,
     mixture_log_prob,
     mixture_nll_grad,
@@ -189,10 +190,13 @@ class GMMPrior(Callback):
         lr_means, lr_log_precisions, lr_mixing: Adam learning rates of the mixture's parameter groups.
         method: ``"table"`` (interpolated, fast), ``"exact"`` (chunked, ``J+1`` times the work) or ``"auto"``
             (the table, unless the weights are fewer than its points or the mixture's narrowest component would need
-            more than its 65536 points for ``grid_spacing``: then exact).
+            more than its 65536 points for ``grid_spacing``: then exact). On a CUDA GPU with Triton, ``"auto"`` and
+            ``"exact"`` run one fused kernel per weight tensor that evaluates the mixture exactly for every weight
+            (:mod:`distill.prior_cuda`: a GPU has the arithmetic to spare, and it is one pass over the weights).
         grid_spacing: table spacing in units of the smallest component std (error ~ spacing^2, see ``MixtureTable``).
         kernel: ``"auto"`` (the table's fused CPU loops when numba is installed and the weights are CPU float32,
-            else ATen ops) or ``"torch"`` (ATen ops only; same algorithm and results within float32 rounding). With
+            the fused Triton kernel on CUDA, else ATen ops) or ``"torch"`` (ATen ops only; same algorithm and results
+            within float32 rounding). With
             ``torch.get_num_threads() > 1`` on Linux the fused per-weight pass (and a big table's build) runs on torch's
             own OpenMP threads (identical results; ``DISTILL_PRIOR_TEAM=0`` keeps them on one).
         merge_threshold: merge components closer than this (symmetric KL, or mean distance) before quantizing.
@@ -558,14 +562,21 @@ class GMMPrior(Callback):
                 for name, q in mix.named_parameters():
                     self._check_finite(f"mixture parameter {name!r}", q.detach(), step)
                 raise FloatingPointError(f"GMMPrior: non-finite mixing weights at global step {step}")
-            arrays = self._host_arrays(params)
-            ranges = self._weight_ranges(params, on_cpu=arrays is not None)
-            for name, (lo_, hi_) in zip(self._params, ranges, strict=True):
-                if not (math.isfinite(lo_) and math.isfinite(hi_)):
-                    raise FloatingPointError(f"GMMPrior: non-finite value in parameter {name!r} at global step {step}")
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+            nll: Any  # a float and NumPy arrays on the host and CUDA-kernel paths, tensors on the others
+            gm: Any
+            gl: Any
+            gp: Any
+            if self._fused_cuda(params, len(means_np)):
+                nll, gm, gl, gp = self._cuda_pass(params, means_np, lp_np, lpi_np, scale)
+                if not math.isfinite(float(nll)):  # a NaN/inf weight: name it (the slow path runs only then)
+                    self._check_weight_ranges(params, on_cpu=False, step=step)
+                hyper, finite = mix._backward_from_stats(gm, gl, gp, scale)
+                return self._finish_prior(nll, hyper, finite, scale, step)
+            arrays = self._host_arrays(params)
+            ranges = self._check_weight_ranges(params, on_cpu=arrays is not None, step=step)
             dev, dtype = mix.free_means.device, mix.free_means.dtype
 
             def on_device() -> list[torch.Tensor]:
@@ -582,10 +593,6 @@ class GMMPrior(Callback):
                 if self.method == "auto" and table.needed > table.size:
                     table = None  # too narrow a component for the grid: exact (slower) rather than inaccurate
             grads = [p.grad for p in params]
-            nll: Any  # a float and NumPy arrays on the host path, tensors on the others
-            gm: Any
-            gl: Any
-            gp: Any
             if table is not None and table.fused and arrays is not None and all(
                     g is not None and g.dtype == torch.float32 and g.is_contiguous() for g in grads):
                 # the whole pass in one compiled call on NumPy views of the weights and their gradients
@@ -602,14 +609,54 @@ class GMMPrior(Callback):
                     p.grad.add_(g.to(p.grad.dtype), alpha=scale)  # type: ignore[union-attr]
                 nll, gm, gl, gp = res.nll, res.grad_means, res.grad_log_precisions, res.grad_log_pis
             hyper, finite = mix._backward_from_stats(gm, gl, gp, scale)
+        return self._finish_prior(nll, hyper, finite, scale, step)
+
+    def _finish_prior(self, nll: Any, hyper: float, finite: bool, scale: float, step: int) -> float:
+        """The prior's loss term from its parts, after the checks that name what went non-finite."""
         if not finite:
-            for name, q in mix.named_parameters():
+            for name, q in self.mixture.named_parameters():
                 self._check_finite(f"the gradient of mixture parameter {name!r}", q.grad, step)  # type: ignore[arg-type]
         loss = scale * (float(nll) + hyper)
         if not math.isfinite(loss):
             raise FloatingPointError(f"GMMPrior: non-finite prior loss {loss} at global step {step}")
         self.last_prior_loss = loss
         return loss
+
+    def _check_weight_ranges(self, params: list[nn.Parameter], on_cpu: bool, step: int) -> list[tuple[float, float]]:
+        """``(min, max)`` of each compressed tensor (:meth:`_weight_ranges`); a non-finite one is an error naming it."""
+        ranges = self._weight_ranges(params, on_cpu=on_cpu)
+        for name, (lo_, hi_) in zip(self._params, ranges, strict=True):
+            if not (math.isfinite(lo_) and math.isfinite(hi_)):
+                raise FloatingPointError(f"GMMPrior: non-finite value in parameter {name!r} at global step {step}")
+        return ranges
+
+    def _fused_cuda(self, params: list[nn.Parameter], components: int) -> bool:
+        """Whether this step's prior runs as :mod:`distill.prior_cuda`'s fused exact kernel: ``kernel="auto"``,
+        ``method`` ``"auto"`` or ``"exact"``, every weight and gradient contiguous on one CUDA device, Triton there."""
+        if self.kernel != "auto" or self.method == "table" or not params or params[0].device.type != "cuda":
+            return False
+        from distill import prior_cuda  # imports Triton: only once a weight is on a GPU
+
+        dev = params[0].device
+        return (prior_cuda.available(dev) and components <= prior_cuda.MAX_COMPONENTS
+                and all(p.device == dev and p.is_contiguous() and p.grad is not None and p.grad.is_contiguous()
+                        for p in params))
+
+    def _cuda_pass(self, params: list[nn.Parameter], means: np.ndarray, log_prec: np.ndarray, log_pis: np.ndarray,
+                   scale: float) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """``grad += scale * d(-log p)/dw`` on the GPU, one fused kernel per weight tensor, and the sums the mixture's
+        gradients need, read back in one copy: ``(nll, grad_means, grad_log_precisions, grad_log_pis)``."""
+        from distill import prior_cuda, prior_kernels
+
+        prec, const, _ = prior_kernels.component_terms(log_prec, log_pis)
+        dev = params[0].device
+        comp = torch.from_numpy(np.concatenate([means, prec, const]).astype(np.float32)).to(dev)
+        out = torch.zeros(1 + 3 * len(means), dtype=torch.float64, device=dev)
+        for p in params:
+            prior_cuda.accumulate(p.detach(), p.grad, comp, out, scale)  # type: ignore[arg-type]
+        tot = out.cpu().numpy()  # the step's one wait for the GPU
+        gm, gl, gp = _mixture_param_grads(tuple(tot[1:].reshape(3, -1)), prec)
+        return float(tot[0]), gm, gl, gp
 
     @staticmethod
     def _network_step_skipped(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:

@@ -1,0 +1,88 @@
+"""The fused CUDA prior kernel's arithmetic (distill.prior_cuda), run by Triton's interpreter on the CPU.
+
+On a GPU the same kernel is compiled (tests/test_cuda.py checks it there, inside the callback); here
+``TRITON_INTERPRET=1`` runs it on CPU tensors in a subprocess (the variable is read as the kernel is defined),
+against the float64 reference ``distill.priors.mixture_nll_grad``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+triton = pytest.importorskip("triton")
+# Triton 3.6's interpreter fails on the kernel's strided program loop (a 1-element array where range() takes an int);
+# the compiled kernel runs there (tests/test_cuda.py); 3.8, the one torch 2.14 brings, interprets it
+pytestmark = pytest.mark.skipif(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7),
+                                reason="Triton < 3.7's interpreter cannot run the kernel's program loop")
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, math
+    import torch
+    from distill import prior_cuda
+    from distill.priors import _component_log_terms, _mixture_param_grads, mixture_nll_grad
+
+    torch.manual_seed(0)
+    k = 17
+    w1 = torch.randn(3001) * 0.1
+    w1[:1500] *= 0.01  # many near the narrow zero component
+    w2 = (torch.randn(40, 33) * 0.05).bfloat16()  # a 16-bit tensor: its gradient stays bf16
+    means = torch.linspace(-0.3, 0.3, k, dtype=torch.float64)
+    means[0] = 0.0
+    lp = torch.full((k,), 2 * math.log(1 / 0.05), dtype=torch.float64)
+    lp[0] = 2 * math.log(1 / 0.01)
+    lpi = torch.log_softmax(torch.randn(k, dtype=torch.float64), 0)
+    const, prec = _component_log_terms(means, lp, lpi)
+    comp = prior_cuda.components(means, prec, const, torch.device("cpu"))
+    out = torch.zeros(1 + 3 * k, dtype=torch.float64)
+    g1 = torch.full_like(w1, 0.25)  # the kernel adds to what is there
+    g2 = torch.zeros_like(w2)
+    prior_cuda.accumulate(w1, g1, comp, out, 0.5)
+    prior_cuda.accumulate(w2, g2, comp, out, 0.5)
+    ref = mixture_nll_grad([w1.double(), w2.double()], means, lp, lpi)
+
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    gm, gl, gp = _mixture_param_grads(tuple(out[1:].reshape(3, -1)), prec)
+    print(json.dumps({
+        "grad": rel(g1 - 0.25, 0.5 * ref.grad_w[0]),
+        "grad_bf16": rel(g2.float(), 0.5 * ref.grad_w[1]),
+        "g2_dtype": str(g2.dtype),
+        "nll": abs(float(out[0]) - float(ref.nll)) / abs(float(ref.nll)),
+        "means": rel(gm, ref.grad_means),
+        "log_precisions": rel(gl, ref.grad_log_precisions),
+        "log_pis": rel(gp, ref.grad_log_pis),
+    }))
+    """
+)
+
+
+def test_fused_kernel_matches_the_float64_reference() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    err = json.loads(done.stdout.strip().splitlines()[-1])
+    assert err.pop("g2_dtype") == "torch.bfloat16"
+    assert err.pop("grad_bf16") < 1e-2  # the sum rounded to bf16 (8 bits of mantissa)
+    for name, value in err.items():
+        assert value < 1e-5, (name, value)
+
+
+def test_accumulate_rejects_what_it_cannot_take() -> None:
+    import torch
+
+    from distill import prior_cuda
+
+    w = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="components"):
+        prior_cuda.accumulate(w, w.clone(), torch.zeros(3 * 65), torch.zeros(1 + 3 * 65, dtype=torch.float64), 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        prior_cuda.accumulate(w.t(), w.clone(), torch.zeros(3 * 17), torch.zeros(52, dtype=torch.float64), 1.0)
+    assert not prior_cuda.available(torch.device("cpu"))
