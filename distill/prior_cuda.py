@@ -21,8 +21,10 @@ the same kernel runs on CPU tensors (the tests use that to check its arithmetic 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 
 import torch
 
@@ -41,8 +43,40 @@ except Exception:  # pragma: no cover - depends on the install
 
 
 def available(device: torch.device) -> bool:
-    """Whether the fused kernel can run on ``device`` (a CUDA device with Triton installed)."""
-    return device.type == "cuda" and triton is not None
+    """Whether the fused kernel can run on ``device``: a CUDA device, Triton installed, and the kernel compiled and
+    ran there once (a GPU that Triton does not support, for example, fails that probe: then a warning says so, once per
+    device, and the caller keeps its ATen path)."""
+    if device.type != "cuda" or triton is None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    failure = _probe(index)
+    if failure is not None and index not in _WARNED:
+        _WARNED.add(index)
+        warnings.warn(f"GMMPrior: the fused CUDA kernel (distill.prior_cuda) does not run on cuda:{index} ({failure}); "
+                      f"the prior runs as ATen ops there (slower, same results within float32 rounding)",
+                      RuntimeWarning, stacklevel=2)
+    return failure is None
+
+
+_WARNED: set[int] = set()
+
+
+@functools.cache
+def _probe(index: int) -> str | None:
+    """Compile and run the kernel once on ``cuda:index`` (float32, two components): ``None``, or the error's line."""
+    try:
+        dev = torch.device("cuda", index)
+        w = torch.linspace(-1.0, 1.0, 256, device=dev)
+        g = torch.zeros_like(w)
+        out = torch.zeros(7, dtype=torch.float64, device=dev)
+        comp = torch.tensor([0.0, 0.5, 4.0, 4.0, -1.0, -1.0], device=dev)
+        accumulate(w, g, comp, out, 1.0)
+        torch.cuda.synchronize(dev)
+        if not bool(torch.isfinite(out).all()):
+            return "its probe gave non-finite sums"
+    except Exception as err:  # compile or launch failure: any kind, reported and left to the ATen path
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
+    return None
 
 
 if triton is not None:

@@ -86,3 +86,32 @@ def test_accumulate_rejects_what_it_cannot_take() -> None:
     with pytest.raises(ValueError, match="contiguous"):
         prior_cuda.accumulate(w.t(), w.clone(), torch.zeros(3 * 17), torch.zeros(52, dtype=torch.float64), 1.0)
     assert not prior_cuda.available(torch.device("cpu"))
+
+
+def test_a_gpu_the_kernel_cannot_run_on_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from distill import prior_cuda
+
+    monkeypatch.setattr(prior_cuda, "_probe", lambda index: "CompilationError: sm_60 is not supported")
+    monkeypatch.setattr(prior_cuda, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match=r"does not run on cuda:3 \(CompilationError: sm_60.*ATen ops"):
+        assert not prior_cuda.available(torch.device("cuda", 3))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per device
+        assert not prior_cuda.available(torch.device("cuda", 3))
+
+
+def test_the_probe_reports_a_failure_as_one_line() -> None:
+    import torch
+
+    from distill import prior_cuda
+
+    if torch.cuda.is_available():
+        assert prior_cuda._probe.__wrapped__(torch.cuda.current_device()) is None  # compiles and runs here
+        return
+    msg = prior_cuda._probe.__wrapped__(0)  # no GPU: the probe's first CUDA allocation fails, and says so
+    assert msg is not None and msg.startswith(("RuntimeError: ", "AssertionError: ", "AcceleratorError: "))
+    assert "\n" not in msg and len(msg) <= 300
