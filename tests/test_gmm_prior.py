@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -205,6 +206,38 @@ def test_resume_from_last_ckpt_ends_like_uninterrupted(trainer_kwargs: dict[str,
         assert cb.pruned is not None and cb.pruned["epoch"] == prune_from
         for name, mask in full_cb.masks.items():
             torch.testing.assert_close(cb.masks[name], mask, rtol=0, atol=0)
+
+
+def test_a_resumed_run_keeps_the_epochs_prior_loss_and_the_initial_weights(trainer_kwargs: dict[str, Any],
+                                                                            tmp_path: Path) -> None:
+    """Logging across a resume: the epoch's mean prior loss goes on from the sum at the stop (not from the resume's
+    first step), and gmm_weights.npz's "initial" are the first run's, read from the file it wrote at its start."""
+
+    def run(folder: Path, ckpt: str | None = None) -> tuple[float, Path]:
+        cb = GMMPrior(**prior_kwargs(method="table", save_weights=True))
+        tb = TensorBoardLogger(str(folder), name="run")
+        mid = ModelCheckpoint(dirpath=folder, filename="mid", every_n_train_steps=6, save_top_k=-1)  # 4 steps/epoch
+        kwargs = dict(trainer_kwargs, max_epochs=2, max_steps=-1, logger=tb, default_root_dir=str(folder),
+                      enable_checkpointing=True)
+        trainer = pl.Trainer(callbacks=[cb, mid], **kwargs)
+        torch.manual_seed(3)
+        x, y = next(iter(loader()))  # four equal batches: a plain loader restarts its epoch on a mid-epoch resume
+        trainer.fit(Plain(), DataLoader(TensorDataset(x.repeat(4, 1), y.repeat(4)), batch_size=BATCH), ckpt_path=ckpt)
+        return float(trainer.callback_metrics["gmm/prior_loss_epoch"]), Path(tb.log_dir)
+
+    full_loss, full_dir = run(tmp_path / "a")
+    ckpt = tmp_path / "a" / "mid.ckpt"  # written at step 6, half-way through epoch 1
+    resumed_loss, resumed_dir = run(tmp_path / "b", ckpt=str(ckpt))
+    assert resumed_loss == pytest.approx(full_loss, rel=1e-9)  # epoch 1's mean over its 4 steps, not the last 2
+    with np.load(full_dir / "gmm_weights.npz") as a, np.load(resumed_dir / "gmm_weights.npz") as b:
+        np.testing.assert_array_equal(a["initial"], b["initial"])
+        np.testing.assert_allclose(a["final"], b["final"], rtol=1e-6, atol=1e-7)
+    moved = full_dir / "moved.npz"
+    (full_dir / "gmm_weights.npz").rename(moved)  # the first run's file gone: the resume says so and goes on
+    with pytest.warns(UserWarning, match="initial weights of the run this one resumes cannot be read"):
+        _, again_dir = run(tmp_path / "c", ckpt=str(ckpt))
+    with np.load(again_dir / "gmm_weights.npz") as z, np.load(moved) as a:
+        assert not np.array_equal(z["initial"], a["initial"])  # the weights at the resume
 
 
 class PlainAdam(Plain):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -211,7 +213,9 @@ class GMMPrior(Callback):
             ``None`` (default): the zero component is pruned at the end only.
         log_histograms: log per-layer weight histograms to TensorBoard each epoch.
         log_every_n_steps: how often to log the components; ``None`` follows the trainer.
-        save_weights: write ``gmm_weights.npz`` (all compressed weights at start, end, after quantization).
+        save_weights: write ``gmm_weights.npz`` (all compressed weights at start, end, after quantization). The
+            start's are written as the fit begins and the checkpoints name the file, so that a resumed run (in a new
+            run folder) writes the first run's start, not its own.
 
     Raises:
         ValueError: on an argument outside its range (the message names it).
@@ -317,6 +321,8 @@ class GMMPrior(Callback):
         self.merged: dict[str, list[float]] | None = None
         self.last_prior_loss: float | None = None
         self._epoch_loss: list[float] = [0.0, 0]  # sum and count of this epoch's prior loss terms
+        self._epoch_loss_epoch = -1  # the epoch they belong to (checkpointed: a mid-epoch resume goes on summing)
+        self._initial_file: str | None = None  # where the initial weights were written (checkpointed)
         self.num_weights = 0
         self._params: dict[str, nn.Parameter] = {}
         self._workspace: dict[str, Any] = {}  # MixtureTable's scratch tensors and arrays, reused every step
@@ -412,7 +418,27 @@ class GMMPrior(Callback):
         self._record_at_start = not self.initialized  # a resumed run already has its first record
         self.initialized = True
         if self.save_weights and self._initial is None:
-            self._initial = self._flat_weights()  # on resume: the weights at resume time
+            self._initial = self._restored_initial()
+            if self._initial is None:
+                self._initial = self._flat_weights()
+                if not self._record_at_start:  # resumed, but the first run's file is gone: say what "initial" is
+                    where = self._initial_file or "no file recorded in the checkpoint"
+                    rank_zero_warn(f"GMMPrior: the initial weights of the run this one resumes cannot be read "
+                                   f"({where}); gmm_weights.npz's 'initial' are the weights at the resume")
+                self._write_weights(trainer)  # now, so that a resumed run finds them
+                if self._run_dir is not None:
+                    self._initial_file = str(self._run_dir / "gmm_weights.npz")
+
+    def _restored_initial(self) -> np.ndarray | None:
+        """The initial weights that the run this one resumes wrote at its start, if they can be read and fit."""
+        if self._initial_file is None or not Path(self._initial_file).is_file():
+            return None
+        try:
+            with np.load(self._initial_file) as z:
+                initial = z["initial"] if "initial" in z.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            return None
+        return initial if initial is not None and initial.shape == (self.num_weights,) else None
 
     def _initial_means(self, params: list[torch.Tensor]) -> torch.Tensor:
         j = self.num_components
@@ -756,7 +782,9 @@ class GMMPrior(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # not called for the epoch that a mid-epoch resume re-enters: the sums restored from the checkpoint go on
         self._epoch_loss = [0.0, 0]
+        self._epoch_loss_epoch = trainer.current_epoch
         if self.prune_from_epoch is not None and trainer.current_epoch >= self.prune_from_epoch and not self.masks:
             self.prune_zero_component(trainer)
 
@@ -933,6 +961,8 @@ class GMMPrior(Callback):
             "merged": self.merged,
             "masks": {n: m.detach().bool().cpu() for n, m in self.masks.items()},
             "pruned": self.pruned,
+            "epoch_loss": {"epoch": self._epoch_loss_epoch, "sum": self._epoch_loss[0], "count": self._epoch_loss[1]},
+            "initial_weights": self._initial_file,
         }
 
     @override
@@ -955,6 +985,11 @@ class GMMPrior(Callback):
             self.dataset_size = int(state["dataset_size"])
         self.history = state.get("history") or self._empty_history()
         self.merged = state.get("merged")
+        epoch_loss = state.get("epoch_loss")
+        if epoch_loss is not None:
+            self._epoch_loss = [float(epoch_loss["sum"]), int(epoch_loss["count"])]
+            self._epoch_loss_epoch = int(epoch_loss["epoch"])
+        self._initial_file = state.get("initial_weights")
         self._load_masks(state)
 
     def _load_masks(self, state: Mapping[str, Any]) -> None:
