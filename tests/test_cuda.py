@@ -60,6 +60,26 @@ def on(trainer_kwargs: dict[str, Any], device: str, **kw: Any) -> dict[str, Any]
     return dict(trainer_kwargs, accelerator="gpu" if device == "cuda" else "cpu", devices=1, **kw)
 
 
+def count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Calls of the fused CUDA prior kernel (distill.prior_cuda.accumulate) from here on, in a list."""
+    from distill import prior_cuda
+
+    calls: list[int] = []
+    real = prior_cuda.accumulate
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(prior_cuda, "accumulate", counted)
+    return calls
+
+
+def uses_kernel(device: str, method: str, kernel: str) -> bool:
+    """Whether GMMPrior runs its fused Triton kernel: on CUDA, kernel "auto", method "auto" or "exact"."""
+    return device == "cuda" and kernel == "auto" and method != "table"
+
+
 def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
@@ -144,7 +164,8 @@ class ScaleAtEnd(pl.Callback):
     ],
 )
 def test_gmm_prior_equals_one_backward_on_the_device(trainer_kwargs: dict[str, Any], device: str, precision: str,
-                                                     method: str, kernel: str) -> None:
+                                                     method: str, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_kernel_calls(monkeypatch)
     model = Plain()
     cb = GMMPrior(**prior_kwargs(method=method, kernel=kernel))
     seen: dict[str, Any] = {}
@@ -160,6 +181,7 @@ def test_gmm_prior_equals_one_backward_on_the_device(trainer_kwargs: dict[str, A
     pl.Trainer(callbacks=[cb, Where(), scale_cb],
                **on(trainer_kwargs, device, precision=precision, max_steps=STEPS, max_epochs=-1)).fit(model, loader())
     assert seen == {"weights": device, "grad": device, "mixture": device}
+    assert bool(calls) == uses_kernel(device, method, kernel)  # the path under test is the one that ran
     ref_model, ref_mix, ref_scale = reference_on(device, precision, method=method, kernel=kernel)
     # 16-mixed: both ran the GradScaler and neither skipped a step (a skip halves the scale from 2**16), so the
     # comparison is of real updates
@@ -187,7 +209,8 @@ def test_gmm_prior_equals_one_backward_on_the_device(trainer_kwargs: dict[str, A
 
 @pytest.mark.parametrize(("method", "kernel"), [("exact", "auto"), ("table", "auto"), ("table", "torch")])
 @pytest.mark.parametrize("device", DEVICES)
-def test_prior_gradient_on_the_device_within_1e4_of_float64_exact(device: str, method: str, kernel: str) -> None:
+def test_prior_gradient_on_the_device_within_1e4_of_float64_exact(device: str, method: str, kernel: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(0)
     n_out, n_in = 250, 400  # 100k weights: half near zero, half spread
     half = n_out * n_in // 2
@@ -205,7 +228,9 @@ def test_prior_gradient_on_the_device_within_1e4_of_float64_exact(device: str, m
     cb._params = {"weight": cast(nn.Parameter, layer.weight)}  # as on_fit_start sets them
     cb.num_weights = layer.weight.numel()
     scale = 0.5
+    calls = count_kernel_calls(monkeypatch)
     cb.apply_prior_gradient(scale=scale)
+    assert bool(calls) == uses_kernel(device, method, kernel)
     grad = layer.weight.grad
     assert grad is not None and grad.device.type == device and grad.dtype == torch.float32
     # the exact float64 gradient of -sum log p(w), on the CPU, from the same mixture in float64

@@ -127,6 +127,61 @@ def test_with_bf16_mixed_precision(trainer_kwargs: dict[str, Any]) -> None:
     assert_same(model, cb.mixture, *reference(3, autocast=True), tol=1e-5)
 
 
+class PlainFusedAdam(Plain):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=1e-2, fused=True)
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_with_a_gradient_scaler_and_an_optimizer_that_unscales_itself(trainer_kwargs: dict[str, Any],
+                                                                      overflow: bool) -> None:
+    """16-bit AMP with a fused optimizer (it unscales inside its step, so Lightning leaves the gradients scaled when
+    the callback adds the prior's): equal to plain torch with one backward of the scaled loss + scaled prior. On a CPU
+    through an explicit plugin (Lightning maps precision="16-mixed" to bf16 there); tests/test_cuda.py has the GPU.
+    ``overflow``: the loss scale starts at 2^127 so that the first steps overflow and are skipped, mixture included."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    init = 2.0**127 if overflow else 2.0**16
+    steps = 3
+    torch.manual_seed(0)
+    model, cb = PlainFusedAdam(), GMMPrior(**prior_kwargs())
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init))
+    pl.Trainer(callbacks=[cb], plugins=[plugin], **dict(trainer_kwargs, max_steps=steps, max_epochs=-1)
+               ).fit(model, loader())
+
+    ref = PlainFusedAdam()
+    ref_cb = GMMPrior(**prior_kwargs())
+    mix = ref_cb.mixture
+    weights = [ref.net[0].weight, ref.net[2].weight]
+    with torch.no_grad():
+        lo, hi = min(float(w.min()) for w in weights), max(float(w.max()) for w in weights)
+        mix.free_means.copy_(torch.linspace(lo, hi, 3))
+    opt = ref.configure_optimizers()
+    mopt = ref_cb._build_optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=init)
+    scale = ref_cb.current_tau(0) / N_DATA
+    skipped = 0
+    for x, y in list(loader())[:steps]:
+        opt.zero_grad()
+        mopt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(ref.net(x), y)
+        scaler.scale(loss).backward()
+        prior = mix.loss([w.double() for w in weights], scale=scale)
+        for w, g in zip(weights, torch.autograd.grad(prior, weights, retain_graph=True), strict=True):
+            w.grad.add_(g, alpha=scaler.get_scale())  # type: ignore[union-attr]  # the scaled loss + scaled prior
+        prior.backward(inputs=list(mix.parameters()))  # the mixture's own gradients are not scaled
+        before = [w.detach().clone() for w in weights]
+        scaler.step(opt)
+        if all(torch.equal(a, w) for a, w in zip(before, weights, strict=True)):
+            skipped += 1  # the fused step found inf/NaN: the mixture skips its step too
+        else:
+            mopt.step()
+        scaler.update()
+    assert (skipped > 0) == overflow
+    assert_same(model, cb.mixture, ref, mix, tol=1e-5)
+
+
 def test_with_16_mixed_precision(trainer_kwargs: dict[str, Any]) -> None:
     with pytest.warns(UserWarning, match="not supported on CPU"):
         pl.Trainer(**dict(trainer_kwargs, precision="16-mixed"))
@@ -238,6 +293,11 @@ def test_a_resumed_run_keeps_the_epochs_prior_loss_and_the_initial_weights(train
         _, again_dir = run(tmp_path / "c", ckpt=str(ckpt))
     with np.load(again_dir / "gmm_weights.npz") as z, np.load(moved) as a:
         assert not np.array_equal(z["initial"], a["initial"])  # the weights at the resume
+        assert str(z["initial_id"]) != str(a["initial_id"])
+        other = {k: a[k] for k in a.files} | {"initial_id": np.asarray("another run")}
+    np.savez(full_dir / "gmm_weights.npz", **other)  # another run's file of that name, same shapes: not taken
+    with pytest.warns(UserWarning, match="initial weights of the run this one resumes cannot be read"):
+        run(tmp_path / "d", ckpt=str(ckpt))
 
 
 class PlainAdam(Plain):
@@ -303,7 +363,7 @@ def test_artifacts_logging_and_quantize(trainer_kwargs: dict[str, Any], tmp_path
     assert hist["merged"] is not None and abs(sum(hist["merged"]["pis"]) - 1.0) < 1e-6
     assert hist["hyperprior"]["gamma_zero"] == [5000.0, 2.0]
     with np.load(run / "gmm_weights.npz", allow_pickle=False) as z:
-        assert set(z.files) == {"initial", "final", "quantized"}
+        assert set(z.files) == {"initial", "final", "quantized", "initial_id"}
         assert z["initial"].dtype == np.float32 and z["initial"].shape == (12 * 16 + 16 * 4,)
         assert not np.array_equal(z["initial"], z["final"])
         assert len(np.unique(z["quantized"])) <= 5

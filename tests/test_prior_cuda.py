@@ -115,3 +115,26 @@ def test_the_probe_reports_a_failure_as_one_line() -> None:
     msg = prior_cuda._probe.__wrapped__(0)  # no GPU: the probe's first CUDA allocation fails, and says so
     assert msg is not None and msg.startswith(("RuntimeError: ", "AssertionError: ", "AcceleratorError: "))
     assert "\n" not in msg and len(msg) <= 300
+
+
+def test_weights_pair_with_their_gradients_in_memory_order() -> None:
+    """What GMMPrior hands the fused kernel: flat views of a weight and its gradient in the same order (contiguous,
+    or both channels_last), never a copy; any other layout keeps the ATen path."""
+    import torch
+
+    from distill.callbacks.gmm_prior import _flat_view, _pairs_up
+
+    w = torch.nn.Parameter(torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last))
+    w.grad = torch.zeros_like(w)  # keeps channels_last
+    assert _pairs_up(w)
+    fw, fg = _flat_view(w.detach()), _flat_view(w.grad)
+    assert fw is not None and fg is not None and fw.data_ptr() == w.data_ptr()
+    fg += fw  # elementwise through the views = elementwise on the tensors
+    torch.testing.assert_close(w.grad, w.detach(), rtol=0, atol=0)
+    w.grad = torch.zeros(4, 3, 5, 5)  # contiguous gradient of a channels_last weight: another order
+    assert not _pairs_up(w)
+    v = torch.nn.Parameter(torch.randn(6, 8).t())  # a transposed view: neither layout
+    v.grad = torch.zeros_like(v)
+    assert _flat_view(v.detach()) is None and not _pairs_up(v)
+    u = torch.nn.Parameter(torch.randn(6, 8))
+    assert not _pairs_up(u)  # no gradient yet

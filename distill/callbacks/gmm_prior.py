@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -161,6 +162,26 @@ def _positive_pair(name: str, value: Any) -> tuple[float, float] | None:
     return a, b
 
 
+def _layout(t: torch.Tensor) -> str:
+    return "channels_last" if t.dim() == 4 and not t.is_contiguous() else "contiguous"
+
+
+def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s elements as a flat view in memory order (contiguous, or a 4-d channels_last tensor), else ``None``.
+    The fused CUDA prior is elementwise plus order-free sums: a weight and its gradient in the same layout pair up."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).view(-1)
+    return None
+
+
+def _pairs_up(p: torch.Tensor) -> bool:
+    """Whether a weight and its gradient have flat views in the same memory order (what the fused kernel takes)."""
+    g = p.grad
+    return g is not None and _flat_view(p) is not None and _flat_view(g) is not None and _layout(p) == _layout(g)
+
+
 class GMMPrior(Callback):
     """Train the compressed weights of any LightningModule under a learned Gaussian-mixture prior.
 
@@ -197,8 +218,8 @@ class GMMPrior(Callback):
             (:mod:`distill.prior_cuda`: a GPU has the arithmetic to spare, and it is one pass over the weights).
         grid_spacing: table spacing in units of the smallest component std (error ~ spacing^2, see ``MixtureTable``).
         kernel: ``"auto"`` (the table's fused CPU loops when numba is installed and the weights are CPU float32,
-            the fused Triton kernel on CUDA, else ATen ops) or ``"torch"`` (ATen ops only; same algorithm and results
-            within float32 rounding). With
+            the fused Triton kernel on CUDA, else ATen ops) or ``"torch"`` (ATen ops only: on a CPU the same algorithm
+            and results within float32 rounding; on CUDA the table instead of the exact kernel). With
             ``torch.get_num_threads() > 1`` on Linux the fused per-weight pass (and a big table's build) runs on torch's
             own OpenMP threads (identical results; ``DISTILL_PRIOR_TEAM=0`` keeps them on one).
         merge_threshold: merge components closer than this (symmetric KL, or mean distance) before quantizing.
@@ -321,8 +342,8 @@ class GMMPrior(Callback):
         self.merged: dict[str, list[float]] | None = None
         self.last_prior_loss: float | None = None
         self._epoch_loss: list[float] = [0.0, 0]  # sum and count of this epoch's prior loss terms
-        self._epoch_loss_epoch = -1  # the epoch they belong to (checkpointed: a mid-epoch resume goes on summing)
-        self._initial_file: str | None = None  # where the initial weights were written (checkpointed)
+        self._initial_file: str | None = None  # where the initial weights were written, and their id (checkpointed)
+        self._initial_id: str | None = None
         self.num_weights = 0
         self._params: dict[str, nn.Parameter] = {}
         self._workspace: dict[str, Any] = {}  # MixtureTable's scratch tensors and arrays, reused every step
@@ -331,6 +352,8 @@ class GMMPrior(Callback):
         self._initial: np.ndarray | None = None
         self._final: np.ndarray | None = None
         self._record_at_start = False
+        self._skip_known_after_step: tuple[pl.Trainer, torch.optim.Optimizer] | None = None
+        self._warned_layout = False
 
     # -- extension points ----------------------------------------------------------------------------------------------
     def filter_parameters(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
@@ -420,25 +443,31 @@ class GMMPrior(Callback):
         if self.save_weights and self._initial is None:
             self._initial = self._restored_initial()
             if self._initial is None:
-                self._initial = self._flat_weights()
                 if not self._record_at_start:  # resumed, but the first run's file is gone: say what "initial" is
                     where = self._initial_file or "no file recorded in the checkpoint"
                     rank_zero_warn(f"GMMPrior: the initial weights of the run this one resumes cannot be read "
                                    f"({where}); gmm_weights.npz's 'initial' are the weights at the resume")
-                self._write_weights(trainer)  # now, so that a resumed run finds them
-                if self._run_dir is not None:
-                    self._initial_file = str(self._run_dir / "gmm_weights.npz")
+                self._initial = self._flat_weights()
+                self._initial_id = uuid.uuid4().hex  # names these weights in the file and in the checkpoints
+            if not self._record_at_start:
+                self._write_weights(trainer)  # now, so that a resume of this run finds them (a fresh run writes
+                # them in on_train_start)
+            if self._run_dir is not None:
+                self._initial_file = str((self._run_dir / "gmm_weights.npz").resolve())
 
     def _restored_initial(self) -> np.ndarray | None:
-        """The initial weights that the run this one resumes wrote at its start, if they can be read and fit."""
-        if self._initial_file is None or not Path(self._initial_file).is_file():
+        """The initial weights that the run this one resumes wrote, if its file is there and holds the weights the
+        checkpoint names (another run may have written a file of that name since: its id differs)."""
+        if self._initial_file is None or self._initial_id is None or not Path(self._initial_file).is_file():
             return None
         try:
-            with np.load(self._initial_file) as z:
-                initial = z["initial"] if "initial" in z.files else None
+            with np.load(self._initial_file, allow_pickle=False) as z:
+                if "initial" not in z.files or "initial_id" not in z.files or str(z["initial_id"]) != self._initial_id:
+                    return None
+                initial = z["initial"]
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
-        return initial if initial is not None and initial.shape == (self.num_weights,) else None
+        return initial if initial.shape == (self.num_weights,) else None
 
     def _initial_means(self, params: list[torch.Tensor]) -> torch.Tensor:
         j = self.num_components
@@ -497,7 +526,13 @@ class GMMPrior(Callback):
             return  # another optimizer (manual optimization with several)
         self._finish_mixture_step()  # a step left from an earlier network step of this batch (manual optimization)
         scale = self.current_tau(trainer.current_epoch) / float(self.dataset_size or 1)
-        self.apply_prior_gradient(scale=scale, step=trainer.global_step)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # 16-bit AMP with an optimizer that unscales inside its step (torch's fused Adam/AdamW/SGD): Lightning leaves
+        # the gradients scaled here, so the prior's gradient is scaled alike, and whether the scaler skips the
+        # network's step is known only inside that step (checked in _after_network_step)
+        unscales_itself = scaler is not None and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        grad_scale = float(scaler.get_scale()) if scaler is not None and unscales_itself else 1.0
+        self.apply_prior_gradient(scale=scale, step=trainer.global_step, grad_scale=grad_scale)
         if self.masks:
             for name, mask in self.masks.items():
                 g = self._params[name].grad
@@ -507,6 +542,7 @@ class GMMPrior(Callback):
         # changes), so that a Ctrl-C between the two cannot leave the mixture a step ahead in last.ckpt; one caught
         # between the network's step and the mixture's finishes the pair first (on_exception).
         self._mixture_pending = not self._network_step_skipped(trainer, optimizer)
+        self._skip_known_after_step = (trainer, optimizer) if unscales_itself else None
         self._network_stepped = False
 
     @override
@@ -517,6 +553,11 @@ class GMMPrior(Callback):
 
     def _after_network_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._network_stepped = True
+        if self._skip_known_after_step is not None:  # the scaler found inf/NaN inside the step: the mixture skips too
+            trainer, opt = self._skip_known_after_step
+            self._skip_known_after_step = None
+            if self._network_step_skipped(trainer, opt):
+                self._mixture_pending = False
 
     def _finish_mixture_step(self) -> None:
         if self._mixture_pending:
@@ -571,8 +612,11 @@ class GMMPrior(Callback):
         checks = torch.cat([torch.stack(torch.aminmax(p.detach().float())) for p in params]).tolist()
         return list(zip(checks[0::2], checks[1::2], strict=True))
 
-    def apply_prior_gradient(self, scale: float, step: int = -1) -> float:
+    def apply_prior_gradient(self, scale: float, step: int = -1, grad_scale: float = 1.0) -> float:
         """Add ``scale * d prior / dw`` to the compressed weights' ``.grad``, set the mixture's ``.grad``.
+
+        ``grad_scale``: the factor the weights' gradients carry at this point (AMP's loss scale when the optimizer
+        unscales them itself, as fused ones do); the prior's weight gradient is multiplied by it, the mixture's not.
 
         Returns:
             the prior's loss term ``scale * (-sum log p(w) + hyper-prior)``.
@@ -596,7 +640,7 @@ class GMMPrior(Callback):
             gl: Any
             gp: Any
             if self._fused_cuda(params, len(means_np)):
-                nll, gm, gl, gp = self._cuda_pass(params, means_np, lp_np, lpi_np, scale)
+                nll, gm, gl, gp = self._cuda_pass(params, means_np, lp_np, lpi_np, scale * grad_scale)
                 if not math.isfinite(float(nll)):  # a NaN/inf weight: name it (the slow path runs only then)
                     self._check_weight_ranges(params, on_cpu=False, step=step)
                 hyper, finite = mix._backward_from_stats(gm, gl, gp, scale)
@@ -623,16 +667,16 @@ class GMMPrior(Callback):
                     g is not None and g.dtype == torch.float32 and g.is_contiguous() for g in grads):
                 # the whole pass in one compiled call on NumPy views of the weights and their gradients
                 host_grads = tuple(g.detach().numpy().reshape(-1) for g in grads)  # type: ignore[union-attr]
-                nll, gm, gl, gp = table.accumulate_all_host(tuple(arrays), host_grads, scale)
+                nll, gm, gl, gp = table.accumulate_all_host(tuple(arrays), host_grads, scale * grad_scale)
             elif table is not None:
                 for p, g in zip(params, grads, strict=True):
-                    table.accumulate_grad(p.detach(), g, alpha=scale)  # type: ignore[arg-type]
+                    table.accumulate_grad(p.detach(), g, alpha=scale * grad_scale)  # type: ignore[arg-type]
                 nll, gm, gl, gp = table._result()
             else:
                 means, lp, lpi = on_device()
                 res = mixture_nll_grad([p.detach() for p in params], means, lp, lpi)
                 for p, g in zip(params, res.grad_w, strict=True):
-                    p.grad.add_(g.to(p.grad.dtype), alpha=scale)  # type: ignore[union-attr]
+                    p.grad.add_(g.to(p.grad.dtype), alpha=scale * grad_scale)  # type: ignore[union-attr]
                 nll, gm, gl, gp = res.nll, res.grad_means, res.grad_log_precisions, res.grad_log_pis
             hyper, finite = mix._backward_from_stats(gm, gl, gp, scale)
         return self._finish_prior(nll, hyper, finite, scale, step)
@@ -664,9 +708,15 @@ class GMMPrior(Callback):
         from distill import prior_cuda  # imports Triton: only once a weight is on a GPU
 
         dev = params[0].device
-        return (prior_cuda.available(dev) and components <= prior_cuda.MAX_COMPONENTS
-                and all(p.device == dev and p.is_contiguous() and p.grad is not None and p.grad.is_contiguous()
-                        for p in params))
+        if not (prior_cuda.available(dev) and components <= prior_cuda.MAX_COMPONENTS
+                and all(p.device == dev and p.grad is not None for p in params)):
+            return False
+        odd = [name for name, p in self._params.items() if not _pairs_up(p)]
+        if odd and not self._warned_layout:
+            self._warned_layout = True
+            rank_zero_warn(f"GMMPrior: {odd} are neither contiguous nor channels_last (or their gradients are laid out "
+                           f"otherwise): the prior runs as ATen ops on this GPU (slower) instead of its fused kernel")
+        return not odd
 
     def _cuda_pass(self, params: list[nn.Parameter], means: np.ndarray, log_prec: np.ndarray, log_pis: np.ndarray,
                    scale: float) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
@@ -679,7 +729,9 @@ class GMMPrior(Callback):
         comp = torch.from_numpy(np.concatenate([means, prec, const]).astype(np.float32)).to(dev)
         out = torch.zeros(1 + 3 * len(means), dtype=torch.float64, device=dev)
         for p in params:
-            prior_cuda.accumulate(p.detach(), p.grad, comp, out, scale)  # type: ignore[arg-type]
+            w, g = _flat_view(p.detach()), _flat_view(p.grad) if p.grad is not None else None
+            assert w is not None and g is not None  # checked by _fused_cuda
+            prior_cuda.accumulate(w, g, comp, out, scale)
         tot = out.cpu().numpy()  # the step's one wait for the GPU
         gm, gl, gp = _mixture_param_grads(tuple(tot[1:].reshape(3, -1)), prec)
         return float(tot[0]), gm, gl, gp
@@ -784,7 +836,6 @@ class GMMPrior(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # not called for the epoch that a mid-epoch resume re-enters: the sums restored from the checkpoint go on
         self._epoch_loss = [0.0, 0]
-        self._epoch_loss_epoch = trainer.current_epoch
         if self.prune_from_epoch is not None and trainer.current_epoch >= self.prune_from_epoch and not self.masks:
             self.prune_zero_component(trainer)
 
@@ -892,6 +943,8 @@ class GMMPrior(Callback):
             return
         arrays = {"initial": self._initial, "final": self._final, "quantized": quantized}
         present = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items() if v is not None}
+        if self._initial_id is not None:
+            present["initial_id"] = np.asarray(self._initial_id)
         atomic_savez(self._run_dir / "gmm_weights.npz", **present)
 
     def output_paths(self) -> dict[str, str]:
@@ -961,8 +1014,8 @@ class GMMPrior(Callback):
             "merged": self.merged,
             "masks": {n: m.detach().bool().cpu() for n, m in self.masks.items()},
             "pruned": self.pruned,
-            "epoch_loss": {"epoch": self._epoch_loss_epoch, "sum": self._epoch_loss[0], "count": self._epoch_loss[1]},
-            "initial_weights": self._initial_file,
+            "epoch_loss": {"sum": self._epoch_loss[0], "count": self._epoch_loss[1]},  # a mid-epoch resume goes on
+            "initial_weights": {"file": self._initial_file, "id": self._initial_id},
         }
 
     @override
@@ -988,8 +1041,8 @@ class GMMPrior(Callback):
         epoch_loss = state.get("epoch_loss")
         if epoch_loss is not None:
             self._epoch_loss = [float(epoch_loss["sum"]), int(epoch_loss["count"])]
-            self._epoch_loss_epoch = int(epoch_loss["epoch"])
-        self._initial_file = state.get("initial_weights")
+        initial = state.get("initial_weights") or {}
+        self._initial_file, self._initial_id = initial.get("file"), initial.get("id")
         self._load_masks(state)
 
     def _load_masks(self, state: Mapping[str, Any]) -> None:
