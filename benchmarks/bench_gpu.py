@@ -38,12 +38,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill import prior_cuda  # noqa: E402
 from distill.callbacks import GMMPrior  # noqa: E402
 from distill.cli import DistillCLI  # noqa: E402
 from distill.data import CIFAR10_MEAN, CIFAR10_STD, random_crop_flip, resolve_data_dir  # noqa: E402
 from models.vgg import VGG19BN  # noqa: E402
 
 WARMUP = 20
+KERNEL_CALLS = [0]  # calls of the fused CUDA prior kernel in the fit+prior runs
 DRY_RUN = False  # --dry-run: the plumbing on the CPU (fp32, a few steps), no figures
 
 
@@ -155,8 +157,18 @@ def fit(path: Path, steps: int, batch: int, prior: bool, root: Path) -> tuple[fl
         run=False,
         trainer_defaults={"callbacks": callbacks},
     )  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):  # progress bar drawn into memory, not a terminal
-        cli.trainer.fit(cli.model, cli.datamodule)
+    real = prior_cuda.accumulate
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        KERNEL_CALLS[0] += 1
+        real(*args, **kwargs)
+
+    prior_cuda.accumulate = counted  # which path the prior took: the fused kernel counts its calls
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # progress bar drawn into memory, not a terminal
+            cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        prior_cuda.accumulate = real
     return steps * batch / (timer.t1 - timer.t0), peak_bytes(base)
 
 
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         "step_time_ratio_prior": round(med["fit"] / med["fit+prior"], 3),
         "peak_gib": {k: round(v / 2**30, 3) for k, v in peak.items()},
         "prior_extra_peak_mib": round((peak["fit+prior"] - peak["fit"]) / 2**20, 1),
+        "prior_path": "fused CUDA kernel" if KERNEL_CALLS[0] else "not the fused CUDA kernel",
     }
     print(json.dumps(out, indent=1))
     if args.json:

@@ -40,7 +40,7 @@ torchmetrics.__version__, 'jsonargparse', jsonargparse.__version__, 'numba', num
 'cuda', torch.cuda.is_available())"
 } >>"$LOG" 2>&1
 
-step cuda_tests "${T_TESTS:-150}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
+step cuda_tests "${T_TESTS:-150}" python3 -m pytest tests/test_cuda.py tests/test_prior_cuda.py -q -p no:cacheprovider -rs
 step bench_prior "${T_PRIOR:-150}" python3 benchmarks/bench_prior.py --device cuda --fused-adam --reps 30 \
     --vgg-batch 128
 step bench_gpu "${T_GPU:-180}" python3 benchmarks/bench_gpu.py --steps 200 --repeats 2 --json "$OUT/bench_gpu.json"
