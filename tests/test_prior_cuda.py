@@ -138,3 +138,65 @@ def test_weights_pair_with_their_gradients_in_memory_order() -> None:
     assert _flat_view(v.detach()) is None and not _pairs_up(v)
     u = torch.nn.Parameter(torch.randn(6, 8))
     assert not _pairs_up(u)  # no gradient yet
+
+
+CALLBACK_SCRIPT = textwrap.dedent(
+    """
+    import copy, json
+    import torch
+    from torch import nn
+    from distill import prior_cuda
+    from distill.callbacks import GMMPrior
+    from distill.priors import mixture_nll_grad
+
+    torch.manual_seed(0)
+    fc = nn.Linear(40, 30, bias=False)
+    conv = nn.Conv2d(3, 8, 3, bias=False).to(memory_format=torch.channels_last)
+    cb = GMMPrior(num_components=6, pi_zero=0.9, init_std=0.05, method="exact", save_weights=False)
+    mix = cb.mixture
+    with torch.no_grad():
+        mix.free_means.copy_(torch.linspace(-0.3, 0.3, 6))
+        mix.mixing_logits.copy_(torch.randn(6))
+    cb._params = {"fc.weight": fc.weight, "conv.weight": conv.weight}
+    cb.num_weights = fc.weight.numel() + conv.weight.numel()
+    conv.weight.grad = torch.zeros_like(conv.weight)  # channels_last, as autograd leaves it
+    calls = []
+    real = prior_cuda.accumulate
+    prior_cuda.accumulate = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    cb._fused_cuda = lambda params, k: True  # the CUDA path on CPU tensors, through Triton's interpreter
+    loss = cb.apply_prior_gradient(scale=0.5, grad_scale=4.0)
+    weights = [fc.weight.detach().double(), conv.weight.detach().double()]
+    means, lp, lpi = (torch.from_numpy(a) for a in mix.host_mixture())
+    exact = mixture_nll_grad(weights, means, lp, lpi)
+    got = torch.cat([fc.weight.grad.reshape(-1), conv.weight.grad.reshape(-1)]).double()
+    ref = 2.0 * torch.cat([g.reshape(-1) for g in exact.grad_w])  # scale 0.5 x grad_scale 4
+    ref_mix = copy.deepcopy(mix).double()
+    for q in ref_mix.parameters():
+        q.grad = None
+    ref_loss = ref_mix.loss(weights, scale=0.5)
+    ref_loss.backward()
+    out = {"calls": len(calls), "weights": float((got - ref).norm() / ref.norm()),
+           "conv_layout_kept": conv.weight.grad.is_contiguous(memory_format=torch.channels_last),
+           "loss": abs(loss - float(ref_loss)) / abs(float(ref_loss))}
+    for (name, p), q in zip(mix.named_parameters(), ref_mix.parameters()):
+        if q.grad is not None:
+            out[name] = float((p.grad.double() - q.grad).norm() / q.grad.norm())  # not scaled by grad_scale
+    print(json.dumps(out))
+    """
+)
+
+
+def test_the_callbacks_cuda_path_on_cpu_tensors() -> None:
+    """GMMPrior's CUDA path (``_cuda_pass``: the packed mixture, flat views of a contiguous and a channels_last
+    weight, the sums read back, the mixture's chain rule, AMP's ``grad_scale`` on the weights only) run through
+    Triton's interpreter on the CPU, against the float64 gradients of (0.5 x prior) for the mixture and of
+    (0.5 x 4 x prior) for the weights."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", CALLBACK_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    err = json.loads(done.stdout.strip().splitlines()[-1])
+    assert err.pop("calls") == 2 and err.pop("conv_layout_kept") is True
+    assert {"weights", "loss", "free_means", "log_precisions", "mixing_logits"} <= set(err)
+    for name, value in err.items():
+        assert value < 1e-5, (name, value)
