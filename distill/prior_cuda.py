@@ -29,6 +29,8 @@ import warnings
 
 import torch
 
+from distill.errors import first_line
+
 MAX_COMPONENTS = 64
 # weights per iteration of a program ((BLOCK, KP) tiles of the components in registers), warps per program, programs
 # per streaming multiprocessor: the fastest of 18 settings on an H100, 2.1 ms for VGG19-BN's 38.9M weights (2.2-4.0 ms
@@ -76,7 +78,7 @@ def _probe(index: int) -> str | None:
         if not bool(torch.isfinite(out).all()):
             return "its probe gave non-finite sums"
     except Exception as err:  # compile or launch failure: any kind, reported and left to the ATen path
-        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
+        return f"{type(err).__name__}: {first_line(err)}"[:300]
     return None
 
 

@@ -90,13 +90,18 @@ def test_cli_prints_a_bad_teacher_in_one_line(kind: str, message: str, files: di
     assert "Traceback" not in err and "Namespace(" not in err and "Union subtypes" not in err
 
 
-def test_cli_checks_ckpt_path_before_setting_up(files: dict[str, Path], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def refused_ckpt_path(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """``distill fit`` of the quickstart teacher resuming from ``ckpt``: it must exit with status 2; its stderr."""
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", str(QUICKSTART / "teacher.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path),
-              "--ckpt_path", str(files["truncated"])])
+              "--ckpt_path", str(ckpt)])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_cli_checks_ckpt_path_before_setting_up(files: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    err = refused_ckpt_path(files["truncated"], tmp_path, capsys)
     assert "distill: error: cannot read --ckpt_path" in err and "truncated" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # nothing was set up or trained
 
@@ -240,11 +245,7 @@ def test_checkpoint_checks_catch_corruption_folders_and_plain_dicts(files: dict[
 def test_ckpt_path_that_is_not_a_lightning_checkpoint_is_one_line(
     files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(QUICKSTART / "teacher.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path),
-              "--ckpt_path", str(files["good"])])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = refused_ckpt_path(files["good"], tmp_path, capsys)
     assert "distill: error: --ckpt_path" in err and "is not a Lightning checkpoint" in err and "Traceback" not in err
 
 

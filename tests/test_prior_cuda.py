@@ -122,22 +122,26 @@ def test_weights_pair_with_their_gradients_in_memory_order() -> None:
     or both channels_last), never a copy; any other layout keeps the ATen path."""
     import torch
 
-    from distill.callbacks.gmm_prior import _flat_view, _pairs_up
+    from distill.callbacks.gmm_prior import _flat_pair
 
     w = torch.nn.Parameter(torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last))
     w.grad = torch.zeros_like(w)  # keeps channels_last
-    assert _pairs_up(w)
-    fw, fg = _flat_view(w.detach()), _flat_view(w.grad)
-    assert fw is not None and fg is not None and fw.data_ptr() == w.data_ptr()
+    pair = _flat_pair(w)
+    assert pair is not None
+    fw, fg = pair
+    assert fw.data_ptr() == w.data_ptr() and fg.data_ptr() == w.grad.data_ptr()
     fg += fw  # elementwise through the views = elementwise on the tensors
     torch.testing.assert_close(w.grad, w.detach(), rtol=0, atol=0)
     w.grad = torch.zeros(4, 3, 5, 5)  # contiguous gradient of a channels_last weight: another order
-    assert not _pairs_up(w)
+    assert _flat_pair(w) is None
     v = torch.nn.Parameter(torch.randn(6, 8).t())  # a transposed view: neither layout
     v.grad = torch.zeros_like(v)
-    assert _flat_view(v.detach()) is None and not _pairs_up(v)
+    assert _flat_pair(v) is None
     u = torch.nn.Parameter(torch.randn(6, 8))
-    assert not _pairs_up(u)  # no gradient yet
+    assert _flat_pair(u) is None  # no gradient yet
+    u.grad = torch.zeros_like(u)
+    pair = _flat_pair(u)
+    assert pair is not None and pair[0].data_ptr() == u.data_ptr()  # contiguous: plain flat views
 
 
 CALLBACK_SCRIPT = textwrap.dedent(
@@ -147,6 +151,7 @@ CALLBACK_SCRIPT = textwrap.dedent(
     from torch import nn
     from distill import prior_cuda
     from distill.callbacks import GMMPrior
+    from distill.callbacks.gmm_prior import _flat_pair
     from distill.priors import mixture_nll_grad
 
     torch.manual_seed(0)
@@ -163,7 +168,7 @@ CALLBACK_SCRIPT = textwrap.dedent(
     calls = []
     real = prior_cuda.accumulate
     prior_cuda.accumulate = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
-    cb._fused_cuda = lambda params, k: True  # the CUDA path on CPU tensors, through Triton's interpreter
+    cb._cuda_views = lambda params, k: [_flat_pair(p) for p in params]  # the CUDA path on CPU tensors (interpreter)
     loss = cb.apply_prior_gradient(scale=0.5, grad_scale=4.0)
     weights = [fc.weight.detach().double(), conv.weight.detach().double()]
     means, lp, lpi = (torch.from_numpy(a) for a in mix.host_mixture())

@@ -162,24 +162,18 @@ def _positive_pair(name: str, value: Any) -> tuple[float, float] | None:
     return a, b
 
 
-def _layout(t: torch.Tensor) -> str:
-    return "channels_last" if t.dim() == 4 and not t.is_contiguous() else "contiguous"
-
-
-def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
-    """``t``'s elements as a flat view in memory order (contiguous, or a 4-d channels_last tensor), else ``None``.
-    The fused CUDA prior is elementwise plus order-free sums: a weight and its gradient in the same layout pair up."""
-    if t.is_contiguous():
-        return t.view(-1)
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1).view(-1)
+def _flat_pair(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A weight and its gradient as flat views in the same memory order (both contiguous, or both 4-d channels_last),
+    else ``None``. The fused CUDA prior is elementwise plus order-free sums: such views pair up element by element."""
+    g, w = p.grad, p.detach()
+    if g is None:
+        return None
+    if w.is_contiguous() and g.is_contiguous():
+        return w.view(-1), g.view(-1)
+    last = torch.channels_last
+    if w.dim() == 4 and w.is_contiguous(memory_format=last) and g.is_contiguous(memory_format=last):
+        return w.permute(0, 2, 3, 1).view(-1), g.permute(0, 2, 3, 1).view(-1)
     return None
-
-
-def _pairs_up(p: torch.Tensor) -> bool:
-    """Whether a weight and its gradient have flat views in the same memory order (what the fused kernel takes)."""
-    g = p.grad
-    return g is not None and _flat_view(p) is not None and _flat_view(g) is not None and _layout(p) == _layout(g)
 
 
 class GMMPrior(Callback):
@@ -352,7 +346,7 @@ class GMMPrior(Callback):
         self._initial: np.ndarray | None = None
         self._final: np.ndarray | None = None
         self._record_at_start = False
-        self._skip_known_after_step: tuple[pl.Trainer, torch.optim.Optimizer] | None = None
+        self._skip_known_after_step: pl.Trainer | None = None  # its scaler says, inside the step, if it skipped
         self._warned_layout = False
 
     # -- extension points ----------------------------------------------------------------------------------------------
@@ -542,7 +536,7 @@ class GMMPrior(Callback):
         # changes), so that a Ctrl-C between the two cannot leave the mixture a step ahead in last.ckpt; one caught
         # between the network's step and the mixture's finishes the pair first (on_exception).
         self._mixture_pending = not self._network_step_skipped(trainer, optimizer)
-        self._skip_known_after_step = (trainer, optimizer) if unscales_itself else None
+        self._skip_known_after_step = trainer if unscales_itself else None
         self._network_stepped = False
 
     @override
@@ -553,11 +547,9 @@ class GMMPrior(Callback):
 
     def _after_network_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._network_stepped = True
-        if self._skip_known_after_step is not None:  # the scaler found inf/NaN inside the step: the mixture skips too
-            trainer, opt = self._skip_known_after_step
-            self._skip_known_after_step = None
-            if self._network_step_skipped(trainer, opt):
-                self._mixture_pending = False
+        trainer, self._skip_known_after_step = self._skip_known_after_step, None
+        if trainer is not None and self._network_step_skipped(trainer, optimizer):
+            self._mixture_pending = False  # the scaler found inf/NaN inside the step: the mixture skips too
 
     def _finish_mixture_step(self) -> None:
         if self._mixture_pending:
@@ -639,8 +631,9 @@ class GMMPrior(Callback):
             gm: Any
             gl: Any
             gp: Any
-            if self._fused_cuda(params, len(means_np)):
-                nll, gm, gl, gp = self._cuda_pass(params, means_np, lp_np, lpi_np, scale * grad_scale)
+            views = self._cuda_views(params, len(means_np))
+            if views is not None:
+                nll, gm, gl, gp = self._cuda_pass(views, means_np, lp_np, lpi_np, scale * grad_scale)
                 if not math.isfinite(float(nll)):  # a NaN/inf weight: name it (the slow path runs only then)
                     self._check_weight_ranges(params, on_cpu=False, step=step)
                 hyper, finite = mix._backward_from_stats(gm, gl, gp, scale)
@@ -700,37 +693,41 @@ class GMMPrior(Callback):
                 raise FloatingPointError(f"GMMPrior: non-finite value in parameter {name!r} at global step {step}")
         return ranges
 
-    def _fused_cuda(self, params: list[nn.Parameter], components: int) -> bool:
-        """Whether this step's prior runs as :mod:`distill.prior_cuda`'s fused exact kernel: ``kernel="auto"``,
-        ``method`` ``"auto"`` or ``"exact"``, every weight and gradient contiguous on one CUDA device, Triton there."""
+    def _cuda_views(self, params: list[nn.Parameter], components: int
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The flat (weight, gradient) views :mod:`distill.prior_cuda`'s fused exact kernel takes, if this step's prior
+        runs there (``kernel="auto"``, ``method`` ``"auto"`` or ``"exact"``, every weight on one CUDA device with
+        Triton, each with its gradient in the same layout), else ``None``."""
         if self.kernel != "auto" or self.method == "table" or not params or params[0].device.type != "cuda":
-            return False
+            return None
         from distill import prior_cuda  # imports Triton: only once a weight is on a GPU
 
         dev = params[0].device
         if not (prior_cuda.available(dev) and components <= prior_cuda.MAX_COMPONENTS
-                and all(p.device == dev and p.grad is not None for p in params)):
-            return False
-        odd = [name for name, p in self._params.items() if not _pairs_up(p)]
-        if odd and not self._warned_layout:
-            self._warned_layout = True
-            rank_zero_warn(f"GMMPrior: {odd} are neither contiguous nor channels_last (or their gradients are laid out "
-                           f"otherwise): the prior runs as ATen ops on this GPU (slower) instead of its fused kernel")
-        return not odd
+                and all(p.device == dev for p in params)):
+            return None
+        pairs = [_flat_pair(p) for p in params]
+        odd = [name for name, pair in zip(self._params, pairs, strict=True) if pair is None]
+        if odd:
+            if not self._warned_layout:
+                self._warned_layout = True
+                rank_zero_warn(f"GMMPrior: {odd} are neither contiguous nor channels_last (or their gradients are laid "
+                               f"out otherwise): the prior runs as ATen ops on this GPU (slower) instead of its fused "
+                               f"kernel")
+            return None
+        return [pair for pair in pairs if pair is not None]
 
-    def _cuda_pass(self, params: list[nn.Parameter], means: np.ndarray, log_prec: np.ndarray, log_pis: np.ndarray,
-                   scale: float) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-        """``grad += scale * d(-log p)/dw`` on the GPU, one fused kernel per weight tensor, and the sums the mixture's
-        gradients need, read back in one copy: ``(nll, grad_means, grad_log_precisions, grad_log_pis)``."""
+    def _cuda_pass(self, views: list[tuple[torch.Tensor, torch.Tensor]], means: np.ndarray, log_prec: np.ndarray,
+                   log_pis: np.ndarray, scale: float) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """``grad += scale * d(-log p)/dw`` on the GPU, one fused kernel per (weight, gradient) view, and the sums the
+        mixture's gradients need, read back in one copy: ``(nll, grad_means, grad_log_precisions, grad_log_pis)``."""
         from distill import prior_cuda, prior_kernels
 
         prec, const, _ = prior_kernels.component_terms(log_prec, log_pis)
-        dev = params[0].device
-        comp = torch.from_numpy(np.concatenate([means, prec, const]).astype(np.float32)).to(dev)
+        dev = views[0][0].device
+        comp = prior_cuda.components(torch.from_numpy(means), torch.from_numpy(prec), torch.from_numpy(const), dev)
         out = torch.zeros(1 + 3 * len(means), dtype=torch.float64, device=dev)
-        for p in params:
-            w, g = _flat_view(p.detach()), _flat_view(p.grad) if p.grad is not None else None
-            assert w is not None and g is not None  # checked by _fused_cuda
+        for w, g in views:
             prior_cuda.accumulate(w, g, comp, out, scale)
         tot = out.cpu().numpy()  # the step's one wait for the GPU
         gm, gl, gp = _mixture_param_grads(tuple(tot[1:].reshape(3, -1)), prec)
