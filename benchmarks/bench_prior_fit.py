@@ -16,8 +16,6 @@ a bigger table than a fresh one).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import statistics
@@ -29,25 +27,20 @@ import pytorch_lightning as pl
 import torch
 
 from benchmarks.bench_prior import trained_state
-from benchmarks.bench_train import WARMUP, StepTimer
-from distill.callbacks import GMMPrior
-from distill.cli import DistillCLI
+from benchmarks.bench_train import WARMUP, StepTimer, run_fit
+from distill.callbacks import GMMPrior, LoadWeights
 
 
-class _LoadState(pl.Callback):
-    """The network's weights and the prior's mixture from a trained run, before the prior initialises (as
-    ``LoadWeights`` does in the SWS config); the mixture replaces the fresh one once the prior has built it."""
+class _LoadMixture(pl.Callback):
+    """The trained run's mixture, once the prior has built its own (the network's weights come from ``LoadWeights``,
+    as in the SWS config)."""
 
-    def __init__(self, state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]], prior: GMMPrior | None) -> None:
-        self.state, self.prior = state, prior
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.model.load_state_dict(self.state[0])  # type: ignore[union-attr, operator]
+    def __init__(self, mixture: dict[str, torch.Tensor], prior: GMMPrior) -> None:
+        self.mixture, self.prior = mixture, prior
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.prior is not None:
-            with torch.no_grad():
-                self.prior.mixture.load_state_dict(self.state[1])
+        with torch.no_grad():
+            self.prior.mixture.load_state_dict(self.mixture)
 
 
 def sws_prior() -> GMMPrior:
@@ -57,31 +50,18 @@ def sws_prior() -> GMMPrior:
                     lr_log_precisions=3e-3, lr_mixing=3e-3, quantize_on_end=False, save_weights=False)
 
 
-def fit_samples_per_s(steps: int, batch: int, with_prior: bool, root: str,
-                      state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None) -> float:
-    """Samples/s of ``distill fit`` of the teacher config over ``steps`` steps after the warm-up ones."""
+def fit_samples_per_s(steps: int, batch: int, with_prior: bool, root: str, trained: str | None,
+                      mixture: dict[str, torch.Tensor] | None) -> float:
+    """Samples/s of ``distill fit`` of the teacher config over ``steps`` steps after the warm-up ones; ``trained``: a
+    checkpoint whose network both runs start from, and whose ``mixture`` the prior starts from."""
     timer = StepTimer(WARMUP)
     prior = sws_prior() if with_prior else None
-    callbacks: list[pl.Callback] = [] if state is None else [_LoadState(state, prior)]
-    callbacks += [cb for cb in (prior, timer) if cb is not None]
-    cli = DistillCLI(
-        args=[
-            "-c", "configs/mnist/lenet300_100_teacher.yaml",
-            "--trainer.max_steps", str(steps + WARMUP),
-            "--trainer.limit_val_batches", "0",
-            "--trainer.num_sanity_val_steps", "0",
-            "--trainer.enable_model_summary", "false",
-            "--trainer.accelerator", "cpu",
-            "--trainer.logger.init_args.save_dir", root,
-            "--checkpoint.dirpath", f"{root}/ckpt",
-            "--data.batch_size", str(batch),
-            "--data.download", "false",
-        ],
-        run=False,
-        trainer_defaults={"callbacks": callbacks},
-    )  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):  # the progress bar is drawn into memory, not a terminal
-        cli.trainer.fit(cli.model, cli.datamodule)
+    callbacks: list[pl.Callback] = [] if trained is None else [LoadWeights(trained)]  # as the SWS config does
+    if prior is not None:
+        callbacks.append(prior)
+        if mixture is not None:
+            callbacks.append(_LoadMixture(mixture, prior))
+    run_fit(steps, batch, [*callbacks, timer], root=root)
     return (timer.steps - WARMUP) * batch / (timer.t1 - timer.t0)
 
 
@@ -94,21 +74,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trained", metavar="CKPT", help="start both runs from this distill fit checkpoint's network "
                         "and the prior from its mixture (e.g. runs/lenet300_100_sws/checkpoints/last.ckpt)")
     args = parser.parse_args(argv)
-    state = trained_state(args.trained) if args.trained else None  # a bad path fails before any timing
+    mixture = trained_state(args.trained)[1] if args.trained else None  # a bad path fails before any timing
     torch.set_num_threads(args.threads)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     rates: dict[str, list[float]] = {"plain": [], "prior": []}
     with tempfile.TemporaryDirectory(prefix="distill_bench_prior_fit_") as root:
-        fit_samples_per_s(50, args.batch, True, root, state)  # compiles the prior's kernels outside the timing
+        # compiles the prior's kernels outside the timing
+        fit_samples_per_s(50, args.batch, True, root, args.trained, mixture)
         for r in range(args.repeats):
             order = (False, True) if r % 2 == 0 else (True, False)
             for with_prior in order:
-                rate = fit_samples_per_s(args.steps, args.batch, with_prior, root, state)
+                rate = fit_samples_per_s(args.steps, args.batch, with_prior, root, args.trained, mixture)
                 rates["prior" if with_prior else "plain"].append(rate)
     med = {k: statistics.median(v) for k, v in rates.items()}
     out: dict[str, Any] = {
-        "model": "LeNet-300-100" + (", trained" if state else ""), "threads": args.threads, "batch": args.batch,
+        "model": "LeNet-300-100" + (", trained" if args.trained else ""), "threads": args.threads, "batch": args.batch,
         "plain_samples_per_s": round(med["plain"]), "prior_samples_per_s": round(med["prior"]),
         "plain_step_ms": round(args.batch / med["plain"] * 1e3, 3),
         "prior_step_ms": round(args.batch / med["prior"] * 1e3, 3),

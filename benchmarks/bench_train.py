@@ -129,9 +129,11 @@ def bare_lightning(dm: MNISTDataModule, steps: int, skip_probe: bool = False) ->
     return (timer.steps - WARMUP) * dm.batch_size / (timer.t1 - timer.t0)
 
 
-def run_fit(steps: int, batch: int, callback: pl.Callback, fused: bool = True, extra: tuple[str, ...] = ()) -> None:
-    """``distill fit`` of the shipped teacher config for ``steps`` + warm-up steps, with ``callback`` added (bars drawn
-    into memory, not a terminal); ``fused=False``: torch's default Adam update instead."""
+def run_fit(steps: int, batch: int, callbacks: list[pl.Callback], fused: bool = True, extra: tuple[str, ...] = (),
+            root: str = "/tmp/distill_bench_runs") -> None:
+    """``distill fit`` of the shipped teacher config for ``steps`` + warm-up steps, with ``callbacks`` added (bars drawn
+    into memory, not a terminal), its logs and checkpoints under ``root``; ``fused=False``: torch's default Adam update
+    instead."""
     cli = DistillCLI(
         args=[
             "-c", "configs/mnist/lenet300_100_teacher.yaml",
@@ -141,14 +143,14 @@ def run_fit(steps: int, batch: int, callback: pl.Callback, fused: bool = True, e
             "--trainer.num_sanity_val_steps", "0",
             "--trainer.enable_model_summary", "false",
             "--trainer.accelerator", "cpu",
-            "--trainer.logger.init_args.save_dir", "/tmp/distill_bench_runs",
-            "--checkpoint.dirpath", "/tmp/distill_bench_runs/ckpt",
+            "--trainer.logger.init_args.save_dir", root,
+            "--checkpoint.dirpath", f"{root}/ckpt",
             "--data.batch_size", str(batch),
             "--data.download", "false",
             *extra,
         ],
         run=False,
-        trainer_defaults={"callbacks": [callback]},
+        trainer_defaults={"callbacks": callbacks},
     )  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):  # Lightning's bars write to stdout
         cli.trainer.fit(cli.model, cli.datamodule)
@@ -162,7 +164,7 @@ def distill_fit(steps: int, batch: int, fused: bool = True, lightning_bar: bool 
     """
     timer = StepTimer(WARMUP)
     extra = ("--trainer.callbacks+=pytorch_lightning.callbacks.TQDMProgressBar",) if lightning_bar else ()
-    run_fit(steps, batch, timer, fused, extra)
+    run_fit(steps, batch, [timer], fused, extra)
     return (timer.steps - WARMUP) * batch / (timer.t1 - timer.t0)
 
 
@@ -216,7 +218,7 @@ class Phases(pl.Callback):
 def fit_phases(steps: int, batch: int) -> dict[str, float]:
     """``distill fit`` of the shipped teacher config with torch's default Adam, cut into phases at its hooks."""
     phases = Phases()
-    run_fit(steps, batch, phases, fused=False)
+    run_fit(steps, batch, [phases], fused=False)
     return phases.medians_us(WARMUP)
 
 
