@@ -38,7 +38,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "AVAILABLE", "TeamPass", "bin_sums", "blocks", "build_table", "build_team_size", "component_terms", "host_pass",
-    "one_thread", "point_stats", "stats_length", "team_size", "usable", "work_length",
+    "new_outside", "one_thread", "outside_length", "pass_constants", "point_stats", "reset_outside", "stats_length",
+    "team_size", "usable", "work_length",
 ]
 
 
@@ -53,6 +54,15 @@ def _jit_fast(fn: Any) -> Any:
     if not AVAILABLE:
         return fn
     return numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=True)(fn)
+
+
+def _jit_nan_safe(fn: Any) -> Any:
+    """Fast math without its no-NaN/no-inf assumptions: for the loops that route a NaN, an infinity or a weight outside
+    the table to the exact path, whose comparisons must hold for those values too."""
+    if not AVAILABLE:
+        return fn
+    return numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy",
+                      fastmath={"nsz", "arcp", "contract", "reassoc"})(fn)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -297,70 +307,153 @@ def point_stats(stats: np.ndarray, active: np.ndarray, size: int, components: in
 _BLOCK = 4096  # weights per block: the block's positions stay in L1 between the two loops
 
 
-@_jit_fast
+def outside_length(components: int) -> int:
+    """float64 numbers of the sums over the weights outside a table (:func:`new_outside`)."""
+    return 4 + 3 * components
+
+
+def new_outside(components: int, rows: int = 1) -> np.ndarray:
+    """Zeroed sums for the weights outside a table's range, ``(rows, outside_length)``: ``-log p``, ``r_j``,
+    ``r_j d_j``, ``r_j d_j^2`` (as :func:`bin_sums`), then how many weights, their minimum and maximum."""
+    out = np.zeros((rows, outside_length(components)))
+    reset_outside(out)
+    return out
+
+
+@_jit
+def reset_outside(out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Zero the rows of :func:`new_outside` sums in place."""
+    k = out.shape[1]
+    for r in range(out.shape[0]):
+        for i in range(k - 2):
+            out[r, i] = 0.0
+        out[r, k - 2] = np.inf
+        out[r, k - 1] = -np.inf
+
+
+@_jit
+def _exact_point(x: float, mix: np.ndarray, out: np.ndarray) -> float:  # pragma: no cover - compiled
+    """``d(-log p)/dw`` at one weight, exactly (float64), its terms added to ``out`` (:func:`new_outside`'s layout).
+
+    ``mix``: ``(3, J+1)`` float64 means, precisions and ``log pi_j + log N(mu_j | mu_j)`` constants. For the weights
+    the table does not cover; a NaN or infinite weight makes every sum NaN (no fast math here). The log terms are
+    formed twice rather than kept: this runs for a few weights a step, and needs no scratch."""
+    k1 = mix.shape[1]
+    m = -np.inf
+    for j in range(k1):
+        d = x - mix[0, j]
+        v = mix[2, j] - 0.5 * mix[1, j] * d * d
+        if v > m:
+            m = v
+    s = 0.0
+    for j in range(k1):
+        d = x - mix[0, j]
+        s += math.exp(mix[2, j] - 0.5 * mix[1, j] * d * d - m)
+    inv = 1.0 / s
+    g = 0.0
+    for j in range(k1):
+        d = x - mix[0, j]
+        r = math.exp(mix[2, j] - 0.5 * mix[1, j] * d * d - m) * inv
+        g += r * d * mix[1, j]
+        out[1 + j] += r
+        out[1 + k1 + j] += r * d
+        out[1 + 2 * k1 + j] += r * d * d
+    out[0] -= m + math.log(s)
+    out[1 + 3 * k1] += 1.0
+    if x < out[2 + 3 * k1]:
+        out[2 + 3 * k1] = x
+    if x > out[3 + 3 * k1]:
+        out[3 + 3 * k1] = x
+    return g
+
+
+@_jit_nan_safe
 def _positions(
-    w: np.ndarray, cell: np.ndarray, frac: np.ndarray, u_scale: np.float32, u_offset: np.float32, u_max: np.float32
+    w: np.ndarray, cell: np.ndarray, frac: np.ndarray, u_scale: np.float32, u_offset: np.float32, u_max: np.float32,
+    w_lo: np.float32, w_hi: np.float32,
 ) -> None:  # pragma: no cover - compiled
+    # cell -1: the weight is outside [w_lo, w_hi] or NaN (the comparisons are false for NaN: no fast-math NaN
+    # assumption in this loop), and goes to the exact path; its position is never read
     zero = np.float32(0.0)
     for i in range(w.shape[0]):
-        u = min(max(w[i] * u_scale + u_offset, zero), u_max)
+        wi = w[i]
+        u = min(max(wi * u_scale + u_offset, zero), u_max)
         f = np.int32(u)  # truncation = floor for these non-negative positions
-        cell[i] = f
+        cell[i] = f if (wi >= w_lo) & (wi <= w_hi) else np.int32(-1)
         frac[i] = u - np.float32(f)
 
 
-@_jit_fast
+@_jit_nan_safe
 def _gather_count(
-    grad: np.ndarray, cell: np.ndarray, frac: np.ndarray, table: np.ndarray, counts: np.ndarray, alpha: np.float32
+    grad: np.ndarray, cell: np.ndarray, frac: np.ndarray, table: np.ndarray, counts: np.ndarray, alpha: np.float32,
+    w: np.ndarray, mix: np.ndarray, outside: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     # table: the (start, slope) pairs as complex64, one 8-byte load instead of two (the loop is bound by its loads)
     for i in range(grad.shape[0]):
         f = cell[i]
+        if f < 0:  # outside the table: exact, into the separate sums (rare: the table spans last step's range)
+            grad[i] += np.float32(alpha * _exact_point(float(w[i]), mix, outside))
+            continue
         entry = table[f]
         grad[i] += alpha * (entry.real + frac[i] * entry.imag)
         counts[f] += 1
 
 
-@_jit_fast
+@_jit_nan_safe
 def _accumulate_blocks(
     w: np.ndarray, grad: np.ndarray, table: np.ndarray, counts: np.ndarray, cell: np.ndarray, frac: np.ndarray,
-    u_scale: np.float32, u_offset: np.float32, u_max: np.float32, alpha: np.float32,
+    consts: np.ndarray, mix: np.ndarray, outside: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     # two loops per block: the positions vectorise (SIMD), the gathers and the histogram cannot; fused in one loop,
     # neither does (measured: 20% slower), and over the whole tensor the positions would leave the cache.
-    # cell, frac: scratch of _BLOCK each (given, not allocated: the team's workers run this in a cfunc)
+    # cell, frac: scratch of _BLOCK each (given, not allocated: the team's workers run this in a cfunc).
+    # consts: float32 u_scale, u_offset, u_max, alpha, and the range [w_lo, w_hi] the table covers; a weight outside
+    # it (or NaN) gets its exact gradient and its terms in `outside` (mix: (3, J+1) float64, see _exact_point)
     n = w.shape[0]
     for start in range(0, n, _BLOCK):
         end = min(start + _BLOCK, n)
         m = end - start
-        _positions(w[start:end], cell[:m], frac[:m], u_scale, u_offset, u_max)
-        _gather_count(grad[start:end], cell[:m], frac[:m], table, counts, alpha)
+        _positions(w[start:end], cell[:m], frac[:m], consts[0], consts[1], consts[2], consts[4], consts[5])
+        _gather_count(grad[start:end], cell[:m], frac[:m], table, counts, consts[3], w[start:end], mix, outside)
 
 
-@_jit_fast
+@_jit_nan_safe
 def _accumulate_kernel(
-    w: np.ndarray, grad: np.ndarray, table: np.ndarray, counts: np.ndarray,
-    u_scale: np.float32, u_offset: np.float32, u_max: np.float32, alpha: np.float32,
+    w: np.ndarray, grad: np.ndarray, table: np.ndarray, counts: np.ndarray, consts: np.ndarray, mix: np.ndarray,
+    outside: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     cell = np.empty(_BLOCK, dtype=np.int32)
     frac = np.empty(_BLOCK, dtype=np.float32)
-    _accumulate_blocks(w, grad, table, counts, cell, frac, u_scale, u_offset, u_max, alpha)
+    _accumulate_blocks(w, grad, table, counts, cell, frac, consts, mix, outside)
+
+
+def pass_constants(u_scale: float, u_offset: float, u_max: float, alpha: float, w_lo: float, w_hi: float
+                   ) -> np.ndarray:
+    """The per-weight pass's float32 constants: positions ``u = w u_scale + u_offset`` clamped to ``[0, u_max]``, the
+    factor ``alpha`` on the gradient, and the weights' range ``[w_lo, w_hi]`` the table covers (outside: exact)."""
+    return np.array([u_scale, u_offset, u_max, alpha, w_lo, w_hi], dtype=np.float32)
 
 
 @_jit
 def _bin_kernel(
     counts: np.ndarray, subbins: int, stats: np.ndarray, active: np.ndarray, means: np.ndarray, lo: float, h: float,
     out: np.ndarray,
-) -> tuple[float, float]:  # pragma: no cover - compiled
+) -> tuple[float, float, int, int]:  # pragma: no cover - compiled
+    # returns the count, the sum of t(1 - t), and the first and last sub-cells holding a weight (-1: none)
     n = counts.shape[0] // subbins + 1
     k1 = means.shape[0]
     weight = np.zeros(n)
     total = 0.0
     spread = 0.0
+    first_cell = -1
+    last_cell = -1
     for f in range(counts.shape[0]):
         cnt = counts[f]
         if cnt == 0:
             continue
+        if first_cell < 0:
+            first_cell = f
+        last_cell = f
         k = f // subbins
         t = ((f % subbins) + 0.5) / subbins
         weight[k] += cnt * (1.0 - t)
@@ -402,7 +495,7 @@ def _bin_kernel(
                 out[1 + j] += acc[a]
                 out[1 + k1 + j] += acc[k1 + a]
                 out[1 + 2 * k1 + j] += acc[2 * k1 + a]
-    return total, spread
+    return total, spread, first_cell, last_cell
 
 
 def bin_sums(
@@ -412,39 +505,43 @@ def bin_sums(
     with ``d_j = x - mu_j`` at the grid points ``lo + k h``) from the sub-cell histogram and :func:`build_table`'s
     ``stats``, and the mean of ``t(1 - t)`` over the counted weights (for Sheppard's correction)."""
     out = np.zeros(1 + 3 * means.shape[0], dtype=np.float64)
-    total, spread = _bin_kernel(counts.numpy(), int(subbins), stats.numpy(), active, means, float(lo), float(h), out)
+    total, spread, _, _ = _bin_kernel(counts.numpy(), int(subbins), stats.numpy(), active, means, float(lo), float(h),
+                                      out)
     return out, float(spread) / max(float(total), 1.0)
 
 
 @_jit
 def _host_pass_kernel(
-    ws: Any, gs: Any, table: np.ndarray, counts: np.ndarray, u_scale: np.float32, u_offset: np.float32,
-    u_max: np.float32, alpha: np.float32, subbins: int, stats: np.ndarray, active: np.ndarray, means: np.ndarray,
-    lo: float, h: float, sums: np.ndarray,
-) -> tuple[float, float]:  # pragma: no cover - compiled
+    ws: Any, gs: Any, table: np.ndarray, counts: np.ndarray, consts: np.ndarray, mix: np.ndarray,
+    outside: np.ndarray, subbins: int, stats: np.ndarray, active: np.ndarray, lo: float, h: float, sums: np.ndarray,
+) -> tuple[float, float, int, int]:  # pragma: no cover - compiled
     counts[:] = 0
+    reset_outside(outside)
     for i in range(len(ws)):
-        _accumulate_kernel(ws[i], gs[i], table, counts, u_scale, u_offset, u_max, alpha)
+        _accumulate_kernel(ws[i], gs[i], table, counts, consts, mix, outside[0])
     sums[:] = 0.0
-    return _bin_kernel(counts, subbins, stats, active, means, lo, h, sums)  # type: ignore[no-any-return]
+    return _bin_kernel(counts, subbins, stats, active, mix[0], lo, h, sums)  # type: ignore[no-any-return]
 
 
 def host_pass(
     ws: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], table: np.ndarray, counts: np.ndarray,
-    u_consts: tuple[np.float32, np.float32, np.float32], alpha: float, subbins: int, stats: np.ndarray,
-    active: np.ndarray, means: np.ndarray, lo: float, h: float,
-) -> tuple[np.ndarray, float]:
+    consts: np.ndarray, mix: np.ndarray, outside: np.ndarray, subbins: int, stats: np.ndarray, active: np.ndarray,
+    lo: float, h: float,
+) -> tuple[np.ndarray, float, int, int]:
     """The table's fused per-weight work in one compiled call (each Python-level call costs 1-10 us on this path):
-    ``gs[i] += alpha * g(ws[i])`` for each pair of flat float32 arrays, the sub-cell histogram (``counts``, zeroed
-    first), then :func:`bin_sums` over it.
+    ``gs[i] += alpha * g(ws[i])`` for each pair of flat float32 arrays (``consts``: :func:`pass_constants`), the
+    sub-cell histogram (``counts``, zeroed first), then :func:`bin_sums` over it. A weight outside the table's range
+    ``[w_lo, w_hi]`` (or NaN) gets its exact gradient from ``mix`` (``(3, J+1)`` float64 means, precisions and
+    constants) and its terms in ``outside[0]`` (:func:`new_outside`, reset first) instead of the histogram.
 
     Returns:
-        what :func:`bin_sums` returns.
+        ``(sums, spread, first, last)``: what :func:`bin_sums` returns, then the first and last sub-cells that hold
+        a weight (-1: none).
     """
-    sums = np.empty(1 + 3 * means.shape[0])
-    total, spread = _host_pass_kernel(ws, gs, table, counts, *u_consts, np.float32(alpha), int(subbins), stats, active,
-                                      means, float(lo), float(h), sums)
-    return sums, float(spread) / max(float(total), 1.0)
+    sums = np.empty(1 + 3 * mix.shape[1])
+    total, spread, first, last = _host_pass_kernel(ws, gs, table, counts, consts, mix, outside, int(subbins), stats,
+                                                   active, float(lo), float(h), sums)
+    return sums, float(spread) / max(float(total), 1.0), int(first), int(last)
 
 
 # -- the per-weight pass on torch's own OpenMP team --------------------------------------------------------------------
@@ -461,7 +558,7 @@ def host_pass(
 # every tensor and counts into its own histogram row: results are bit-identical to :func:`host_pass` (tested).
 
 _TEAM_MIN_WEIGHTS = 1 << 15  # fewer weights: waking the team costs more than it saves
-_ARGS = 17  # the argument block: int64 slots, see _team_worker and _team_build_worker
+_ARGS = 18  # the argument block: int64 slots, see _team_worker and _team_build_worker
 
 if AVAILABLE:  # pragma: no branch
     from llvmlite import ir as _ir
@@ -517,8 +614,9 @@ if AVAILABLE:  # pragma: no branch
     def _team_worker(data: Any) -> None:  # pragma: no cover - compiled, runs on the OpenMP threads
         # argument block: 0 team size (out), 1 tensors, 2/3/4 addresses of the weight pointers, gradient pointers and
         # sizes, 5/6 table address and length, 7 histogram rows address, 8 row length, 9/10 per-thread position
-        # scratch (cells, fractions), 11 float32 constants (u_scale, u_offset, u_max, alpha), 12/13 the addresses of
-        # omp_get_thread_num/omp_get_num_threads, 14 rows available
+        # scratch (cells, fractions), 11 float32 constants (pass_constants), 12/13 the addresses of
+        # omp_get_thread_num/omp_get_num_threads, 14 rows available, 15 the mixture ((3, J+1) float64), 16 J+1,
+        # 17 the per-thread sums over weights outside the table (rows of outside_length(J+1) float64)
         a = numba.carray(_as_i64(data), (_ARGS,))  # type: ignore[call-arg]
         t, parts = _thread_share(a, 12)
         if t >= parts:
@@ -532,7 +630,11 @@ if AVAILABLE:  # pragma: no branch
         counts = numba.carray(_as_i32(a[7] + t * n_fine * 4), (n_fine,))
         cell = numba.carray(_as_i32(a[9] + t * _BLOCK * 4), (_BLOCK,))
         frac = numba.carray(_as_f32(a[10] + t * _BLOCK * 4), (_BLOCK,))
-        c = numba.carray(_as_f32(a[11]), (4,))
+        c = numba.carray(_as_f32(a[11]), (6,))
+        k1 = a[16]
+        mix = numba.carray(_as_f64(a[15]), (3, k1))
+        width = 4 + 3 * k1  # outside_length(k1)
+        outside = numba.carray(_as_f64(a[17] + t * width * 8), (width,))
         counts[:] = 0
         for k in range(nt):
             n = sizes[k]
@@ -540,7 +642,7 @@ if AVAILABLE:  # pragma: no branch
             hi = n * (t + 1) // parts
             w = numba.carray(_as_f32(wptr[k]), (n,))
             g = numba.carray(_as_f32(gptr[k]), (n,))
-            _accumulate_blocks(w[lo:hi], g[lo:hi], table, counts, cell, frac, c[0], c[1], c[2], c[3])
+            _accumulate_blocks(w[lo:hi], g[lo:hi], table, counts, cell, frac, c, mix, outside)
 
     @numba.cfunc(_nt.void(_nt.voidptr), cache=True, error_model="numpy")
     def _team_build_worker(data: Any) -> None:  # pragma: no cover - compiled, runs on the OpenMP threads
@@ -585,25 +687,23 @@ if AVAILABLE:  # pragma: no branch
         return sig, codegen
 
     @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-    def _team_pass_kernel(
-        ws: Any, gs: Any, table: np.ndarray, rows: np.ndarray, cells: np.ndarray, fracs: np.ndarray,
+    def _team_pass_core(
+        nt: int, table_address: int, table_length: int, rows: np.ndarray, cells: np.ndarray, fracs: np.ndarray,
         consts: np.ndarray, pointers: np.ndarray, args: np.ndarray, fns: np.ndarray, threads: int, subbins: int,
-        stats: np.ndarray, active: np.ndarray, means: np.ndarray, lo: float, h: float, sums: np.ndarray,
-    ) -> tuple[float, float, int]:  # pragma: no cover - compiled
+        stats: np.ndarray, active: np.ndarray, mix: np.ndarray, outside: np.ndarray, lo: float, h: float,
+        sums: np.ndarray,
+    ) -> tuple[float, float, int, int, int]:  # pragma: no cover - compiled
+        # the pass over nt tensors whose weight and gradient addresses and sizes are pointers' rows, on `threads` of
+        # torch's threads (one: on the calling thread), then the merged histogram's sums.
         # fns: GOMP_parallel, _team_worker, omp_get_thread_num, omp_get_num_threads (addresses)
-        nt = len(ws)
-        for i in range(nt):
-            pointers[0, i] = np.int64(ws[i].ctypes.data)
-            pointers[1, i] = np.int64(gs[i].ctypes.data)
-            pointers[2, i] = ws[i].shape[0]
         n_fine = rows.shape[1]
         args[0] = 0
         args[1] = nt
         args[2] = np.int64(pointers[0].ctypes.data)
         args[3] = np.int64(pointers[1].ctypes.data)
         args[4] = np.int64(pointers[2].ctypes.data)
-        args[5] = np.int64(table.ctypes.data)
-        args[6] = table.shape[0]
+        args[5] = table_address
+        args[6] = table_length
         args[7] = np.int64(rows.ctypes.data)
         args[8] = n_fine
         args[9] = np.int64(cells.ctypes.data)
@@ -612,14 +712,65 @@ if AVAILABLE:  # pragma: no branch
         args[12] = fns[2]
         args[13] = fns[3]
         args[14] = threads
+        args[15] = np.int64(mix.ctypes.data)
+        args[16] = mix.shape[1]
+        args[17] = np.int64(outside.ctypes.data)
+        reset_outside(outside)
         _call_gomp_parallel(fns[0], fns[1], np.int64(args.ctypes.data), np.int64(threads))  # type: ignore[call-arg]
         parts = min(args[0], threads)
         for r in range(1, parts):
             for f in range(n_fine):
                 rows[0, f] += rows[r, f]
+            width = outside.shape[1]
+            for i in range(width - 2):
+                outside[0, i] += outside[r, i]
+            outside[0, width - 2] = min(outside[0, width - 2], outside[r, width - 2])
+            outside[0, width - 1] = max(outside[0, width - 1], outside[r, width - 1])
         sums[:] = 0.0
-        total, spread = _bin_kernel(rows[0], subbins, stats, active, means, lo, h, sums)
-        return total, spread, parts
+        total, spread, first, last = _bin_kernel(rows[0], subbins, stats, active, mix[0], lo, h, sums)
+        return total, spread, parts, first, last
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+    def _team_pass_kernel(
+        ws: Any, gs: Any, table: np.ndarray, rows: np.ndarray, cells: np.ndarray, fracs: np.ndarray,
+        consts: np.ndarray, pointers: np.ndarray, args: np.ndarray, fns: np.ndarray, threads: int, subbins: int,
+        stats: np.ndarray, active: np.ndarray, mix: np.ndarray, outside: np.ndarray, lo: float, h: float,
+        sums: np.ndarray,
+    ) -> tuple[float, float, int, int, int]:  # pragma: no cover - compiled
+        for i in range(len(ws)):
+            pointers[0, i] = np.int64(ws[i].ctypes.data)
+            pointers[1, i] = np.int64(gs[i].ctypes.data)
+            pointers[2, i] = ws[i].shape[0]
+        return _team_pass_core(len(ws), np.int64(table.ctypes.data), table.shape[0], rows, cells,  # type: ignore[no-any-return]
+                               fracs, consts, pointers, args, fns, threads, subbins, stats, active, mix, outside, lo,
+                               h, sums)
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+    def _team_build_core(
+        gomp: int, worker: int, thread_num: int, num_threads: int, threads: int, means: np.ndarray,
+        prec: np.ndarray, const: np.ndarray, lh: np.ndarray, subbins: int, table: np.ndarray, stats: np.ndarray,
+        active: np.ndarray, work: np.ndarray, stride: int, args: np.ndarray,
+    ) -> None:  # pragma: no cover - compiled
+        # _build_kernel over the grid split over `threads` of torch's threads (_team_build_worker's argument block);
+        # means, prec, const: contiguous float64; lh: [lo, h]; work: threads * stride float64 of scratch
+        args[0] = 0
+        args[1] = np.int64(means.ctypes.data)
+        args[2] = np.int64(prec.ctypes.data)
+        args[3] = np.int64(const.ctypes.data)
+        args[4] = means.shape[0]
+        args[5] = np.int64(lh.ctypes.data)
+        args[6] = subbins
+        args[7] = np.int64(table.ctypes.data)
+        args[8] = table.shape[0]
+        args[9] = np.int64(stats.ctypes.data)
+        args[10] = table.shape[0] // subbins + 1
+        args[11] = np.int64(work.ctypes.data)
+        args[12] = stride
+        args[13] = thread_num
+        args[14] = num_threads
+        args[15] = threads
+        args[16] = np.int64(active.ctypes.data)
+        _call_gomp_parallel(gomp, worker, np.int64(args.ctypes.data), np.int64(threads))  # type: ignore[call-arg]
 
 
 class _Team:
@@ -706,11 +857,9 @@ def _team_build(
     if work is None or work.shape[0] < threads * stride:
         work = _BUILD_SCRATCH.work = np.empty(threads * stride)  # kept: fresh 100 kB arrays cost page faults
     lh = np.array([lo, h])
-    args = np.zeros(_ARGS, dtype=np.int64)
-    args[1:] = (means.ctypes.data, prec.ctypes.data, const.ctypes.data, k1, lh.ctypes.data, subbins,
-                table.ctypes.data, table.shape[0], stats.ctypes.data, n, work.ctypes.data, stride,
-                team.thread_num, team.num_threads, threads, active.ctypes.data)
-    team.parallel(_team_build_worker.address, args.ctypes.data, threads, 0)  # ctypes releases the GIL meanwhile
+    _team_build_core(team.parallel_address, _team_build_worker.address, team.thread_num, team.num_threads, threads,  # type: ignore[arg-type]
+                     means, prec, const, lh, subbins, table, stats, active, work, stride,
+                     np.zeros(_ARGS, dtype=np.int64))
 
 
 @contextlib.contextmanager
@@ -741,24 +890,25 @@ class TeamPass:
         self.fns = np.array([team.parallel_address, _team_worker.address, team.thread_num, team.num_threads],
                             dtype=np.int64)
         self.args = np.zeros(_ARGS, dtype=np.int64)
-        self.consts = np.zeros(4, dtype=np.float32)
         self.rows = np.zeros(0, dtype=np.int32)
         self.cells = np.zeros(0, dtype=np.int32)
         self.fracs = np.zeros(0, dtype=np.float32)
         self.pointers = np.zeros((3, 0), dtype=np.int64)
+        self.outside = np.zeros((0, 0))
 
     def run(
         self, threads: int, ws: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], table: np.ndarray,
-        n_fine: int, u_consts: tuple[np.float32, np.float32, np.float32], alpha: float, subbins: int,
-        stats: np.ndarray, active: np.ndarray, means: np.ndarray, lo: float, h: float,
-    ) -> tuple[np.ndarray, np.ndarray, float]:
+        n_fine: int, consts: np.ndarray, mix: np.ndarray, subbins: int, stats: np.ndarray, active: np.ndarray,
+        lo: float, h: float,
+    ) -> tuple[np.ndarray, np.ndarray, float, int, int, np.ndarray]:
         """``gs[i] += alpha * g(ws[i])`` and the histogram on ``threads`` threads, then :func:`bin_sums`, in one
         compiled call (it fills the worker's argument block and calls ``GOMP_parallel`` itself: each ``.ctypes``
-        access and ctypes call from Python costs microseconds).
+        access and ctypes call from Python costs microseconds). Arguments as :func:`host_pass`'s.
 
         Returns:
-            ``(histogram, sums, spread)``: the merged sub-cell counts (a view into this object's buffer, valid until
-            the next call) and what :func:`host_pass` returns.
+            ``(histogram, sums, spread, first, last, outside)``: the merged sub-cell counts (a view into this
+            object's buffer, valid until the next call), what :func:`host_pass` returns, and the merged sums over the
+            weights outside the table (:func:`new_outside`'s layout; a view, valid until the next call).
         """
         if self.rows.shape[0] < threads * n_fine:
             self.rows = np.zeros(threads * n_fine, dtype=np.int32)
@@ -767,14 +917,15 @@ class TeamPass:
             self.fracs = np.zeros(threads * _BLOCK, dtype=np.float32)
         if self.pointers.shape[1] != len(ws):
             self.pointers = np.zeros((3, len(ws)), dtype=np.int64)
-        self.consts[0], self.consts[1], self.consts[2] = u_consts
-        self.consts[3] = alpha
+        if self.outside.shape[0] < threads or self.outside.shape[1] != outside_length(mix.shape[1]):
+            self.outside = new_outside(mix.shape[1], threads)
         rows = self.rows[: threads * n_fine].reshape(threads, n_fine)
-        sums = np.empty(1 + 3 * means.shape[0])
-        total, spread, _ = _team_pass_kernel(ws, gs, table, rows, self.cells, self.fracs, self.consts, self.pointers,
-                                             self.args, self.fns, threads, int(subbins), stats, active, means,
-                                             float(lo), float(h), sums)
-        return rows[0], sums, float(spread) / max(float(total), 1.0)
+        outside = self.outside[:threads]
+        sums = np.empty(1 + 3 * mix.shape[1])
+        total, spread, _, first, last = _team_pass_kernel(
+            ws, gs, table, rows, self.cells, self.fracs, consts, self.pointers, self.args, self.fns, threads,
+            int(subbins), stats, active, mix, outside, float(lo), float(h), sums)
+        return rows[0], sums, float(spread) / max(float(total), 1.0), int(first), int(last), outside[0]
 
 
 # -- the mixture's own (J+1)-vectors ----------------------------------------------------------------------------------
@@ -919,3 +1070,208 @@ def adam_update(
     """One Adam update of float32 arrays in place (flat views), as ``torch.optim.Adam(foreach=False)`` computes it."""
     f = np.float32
     _adam_kernel(w, g, m, v, f(1.0 - beta1), f(beta2), f(1.0 - beta2), f(step_size), f(bc2_sqrt), f(eps))
+
+
+# -- the callback's whole CPU step in one compiled call ----------------------------------------------------------------
+# Why: inside a training step, right after the backward pass has filled the caches with activations and gradients, the
+# prior's Python-level glue (building a MixtureTable, the mixture's small vectors, the chain rule, about 60 calls of
+# NumPy, numba's dispatch and tensor attributes) cost ~0.55 ms on LeNet-300-100 at 2 threads, as much as the pass
+# over the weights itself, though it takes ~0.1 ms when timed alone (BENCHMARKS.md, session 20). HostStep does the same
+# arithmetic as apply_prior_gradient's fused path -- the mixture from its parameters, the table, the pass on torch's
+# threads, the binned sums and the chain rule into the mixture's gradients -- in one call, bit for bit (tested).
+
+_F_LOG_P0, _F_LOG_REST, _F_LO, _F_HI, _F_SPACING, _F_ALPHA, _F_SCALE, _F_Z = 0, 1, 2, 3, 4, 5, 6, 7
+_F_GAMMA = 8  # 8-13: gamma_zero (a, b), gamma (a, b), pi_zero_beta (a, b); a = 0: none
+_F_LENGTH = 14
+_I_MIN_GRID, _I_MAX_GRID, _I_SUBBINS, _I_THREADS, _I_AUTO, _I_HAS_Z, _I_TENSORS = 0, 1, 2, 3, 4, 5, 6
+_I_LENGTH = 7
+_O_NLL, _O_HYPER, _O_FINITE, _O_LO, _O_HI, _O_OUTSIDE, _O_SIZE = 0, 1, 2, 3, 4, 5, 6
+_O_LENGTH = 7
+STEP_DONE, STEP_MIXTURE_NONFINITE, STEP_GRID_TOO_FINE, STEP_GROW = 0, 1, 2, 3
+
+if AVAILABLE:  # pragma: no branch
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+    def _step_kernel(
+        free: np.ndarray, lp32: np.ndarray, logits: np.ndarray, fv: np.ndarray, iv: np.ndarray,
+        table: np.ndarray, stats: np.ndarray, active: np.ndarray, work: np.ndarray, mix: np.ndarray, lh: np.ndarray,
+        rows: np.ndarray, cells: np.ndarray, fracs: np.ndarray, consts: np.ndarray, pointers: np.ndarray,
+        args: np.ndarray, fns: np.ndarray, outside: np.ndarray, sums: np.ndarray,
+        g_free: np.ndarray, g_lp: np.ndarray, g_logits: np.ndarray, g_z: np.ndarray, out: np.ndarray,
+    ) -> int:  # pragma: no cover - compiled
+        # fv, iv: the _F_* and _I_* settings; fns: GOMP_parallel, _team_worker, omp_get_thread_num,
+        # omp_get_num_threads, _team_build_worker (addresses). Returns a STEP_* status; nothing is written to a
+        # gradient unless STEP_DONE.
+        k1 = lp32.shape[0]
+        means, lp, lpi = mix[0], np.empty(k1), np.empty(k1)
+        prec, const = mix[1], mix[2]
+        if not _host_mixture_kernel(free, lp32, logits, fv[_F_LOG_P0], fv[_F_LOG_REST], means, lp, lpi):
+            return STEP_MIXTURE_NONFINITE
+        lp_max = _component_terms_kernel(lp, lpi, prec, const)
+        # the grid, as MixtureTable sizes it
+        sigma_min = math.exp(-0.5 * lp_max)
+        lo, hi = fv[_F_LO], fv[_F_HI]
+        if not hi > lo:
+            hi = lo + sigma_min
+        pad = 1e-6 * (hi - lo)
+        lo, hi = lo - pad, hi + pad
+        needed = int(math.ceil((hi - lo) / (fv[_F_SPACING] * sigma_min)) + 1)
+        n = min(max(needed, iv[_I_MIN_GRID]), iv[_I_MAX_GRID])
+        if iv[_I_AUTO] and needed > n:
+            return STEP_GRID_TOO_FINE
+        subbins = iv[_I_SUBBINS]
+        threads = iv[_I_THREADS]
+        n_fine = (n - 1) * subbins
+        nb = (n + _RUN - 1) // _RUN
+        build_threads = threads if n * k1 >= _TEAM_MIN_TABLE and threads > 1 else 1
+        stride = 8 * k1 + n + 1  # work_length(k1, n)
+        out[_O_SIZE] = n
+        if (table.shape[0] < 2 * n_fine or stats.shape[0] < nb * _RUN * (2 + k1) or active.shape[0] < nb * (1 + k1)
+                or rows.shape[0] < threads * n_fine or work.shape[0] < build_threads * stride
+                or outside.shape[0] < threads or cells.shape[0] < threads * _BLOCK):
+            return STEP_GROW
+        inv_h = (n - 1) / (hi - lo)
+        h = (hi - lo) / (n - 1)
+        u_scale = inv_h * subbins
+        u_max = float(n_fine) - max(1e-3, 4.0 * math.ldexp(1.0, math.frexp(float(n_fine))[1] - 24))
+        tab = table[: 2 * n_fine].reshape((n_fine, 2))
+        st = stats[: nb * _RUN * (2 + k1)]
+        act = active[: nb * (1 + k1)].reshape((nb, 1 + k1))
+        if build_threads > 1:
+            lh[0] = lo
+            lh[1] = h
+            _team_build_core(fns[0], fns[4], fns[2], fns[3], build_threads, means, prec, const, lh, subbins, tab,
+                             st, act, work, stride, args)
+        else:
+            _build_kernel(means, prec, const, lo, h, subbins, tab, st, act, 0, n, work)
+        consts[0] = u_scale
+        consts[1] = -lo * u_scale
+        consts[2] = u_max
+        consts[3] = fv[_F_ALPHA]
+        consts[4] = lo
+        consts[5] = lo + (n - 1) * h
+        total, spread, _, first, last = _team_pass_core(
+            iv[_I_TENSORS], np.int64(table.ctypes.data), n_fine, rows[: threads * n_fine].reshape((threads, n_fine)),
+            cells, fracs, consts, pointers, args, fns, threads, subbins, st, act, mix, outside[:threads], lo, h, sums)
+        # MixtureTable._grads_from_sums: Sheppard's correction on the binned sums, then the exact ones of the
+        # weights outside the grid
+        spread = spread / max(total, 1.0)
+        o = outside[0]
+        n_out = o[1 + 3 * k1]
+        corr = h * h * spread
+        gm, gl, gp = np.empty(k1), np.empty(k1), np.empty(k1)
+        nll = sums[0]
+        if n_out:
+            nll = nll + o[0]
+        for j in range(k1):
+            r, s, q = sums[1 + j], sums[1 + k1 + j], sums[1 + 2 * k1 + j]
+            q = q - r * corr
+            if n_out:
+                r, s, q = r + o[1 + j], s + o[1 + k1 + j], q + o[1 + 2 * k1 + j]
+            gm[j] = -prec[j] * s
+            gl[j] = -0.5 * r + 0.5 * prec[j] * q
+            gp[j] = -r
+        logits64 = np.empty(logits.shape[0])
+        for j in range(logits.shape[0]):
+            logits64[j] = float(logits[j])
+        hyper, finite = _chain_rule_kernel(gm, gl, gp, lp, logits64, fv[_F_Z], iv[_I_HAS_Z] != 0, fv[_F_GAMMA],
+                                           fv[_F_GAMMA + 1], fv[_F_GAMMA + 2], fv[_F_GAMMA + 3], fv[_F_GAMMA + 4],
+                                           fv[_F_GAMMA + 5], fv[_F_SCALE], g_free, g_lp, g_logits, g_z)
+        cell = h / subbins
+        r_lo, r_hi = (lo + first * cell, lo + (last + 1) * cell) if first >= 0 else (np.inf, -np.inf)
+        if n_out:
+            r_lo, r_hi = min(r_lo, o[2 + 3 * k1]), max(r_hi, o[3 + 3 * k1])
+        out[_O_NLL] = nll
+        out[_O_HYPER] = hyper
+        out[_O_FINITE] = 1.0 if finite else 0.0
+        out[_O_LO] = r_lo
+        out[_O_HI] = r_hi
+        out[_O_OUTSIDE] = n_out
+        return STEP_DONE
+
+
+class HostStep:
+    """:meth:`distill.callbacks.GMMPrior.apply_prior_gradient`'s fused CPU path in one compiled call per step.
+
+    Holds the buffers and the addresses of the weights; per step the caller writes its gradients' addresses into
+    :attr:`grad_addresses`. Needs numba and torch's OpenMP runtime (found as for :class:`TeamPass`); on one thread
+    the pass runs on the calling thread.
+
+    Args:
+        weights: the flat float32 C-contiguous arrays of the compressed weights (kept: their addresses are used).
+        mixture: NumPy views ``(free means, log precisions, mixing logits)`` of the mixture's parameters.
+        grads: NumPy views of the same parameters' gradients (written in place), and of the zero logit's (or a
+            scratch array of one number).
+        spacing, min_grid, max_grid, subbins: as :class:`distill.priors.MixtureTable`'s.
+        auto: give up (``STEP_GRID_TOO_FINE``) when the grid would need more than ``max_grid`` points.
+        hyper: ``(gamma_zero, gamma, pi_zero_beta)``, each ``(a, b)`` or ``None``.
+    """
+
+    def __init__(
+        self, weights: list[np.ndarray], mixture: tuple[np.ndarray, np.ndarray, np.ndarray],
+        grads: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], spacing: float, min_grid: int, max_grid: int,
+        subbins: int, auto: bool, hyper: tuple[tuple[float, ...] | None, ...], has_zero_logit: bool,
+    ) -> None:
+        team = _team()
+        if team is None:
+            raise RuntimeError("no OpenMP runtime of torch's was found")
+        self.weights, self.mixture, self.grads = weights, mixture, grads
+        self.fns = np.array([team.parallel_address, _team_worker.address, team.thread_num, team.num_threads,
+                             _team_build_worker.address], dtype=np.int64)
+        self.fv = np.zeros(_F_LENGTH)
+        self.fv[_F_SPACING] = spacing
+        for i, ab in enumerate(hyper):
+            if ab is not None:
+                self.fv[_F_GAMMA + 2 * i], self.fv[_F_GAMMA + 2 * i + 1] = ab
+        self.iv = np.array([min_grid, max_grid, subbins, 1, int(auto), int(has_zero_logit), len(weights)],
+                           dtype=np.int64)
+        self.pointers = np.zeros((3, len(weights)), dtype=np.int64)
+        self.pointers[0] = [w.ctypes.data for w in weights]
+        self.pointers[2] = [w.shape[0] for w in weights]
+        self.grad_addresses = self.pointers[1]  # the caller writes its gradients' addresses here
+        k1 = mixture[1].shape[0]
+        self.mix = np.zeros((3, k1))
+        self.lh = np.zeros(2)
+        self.args = np.zeros(_ARGS, dtype=np.int64)
+        self.cells = np.zeros(_BLOCK, dtype=np.int32)
+        self.fracs = np.zeros(_BLOCK, dtype=np.float32)
+        self.consts = np.zeros(6, dtype=np.float32)
+        self.sums = np.zeros(1 + 3 * k1)
+        self.out = np.zeros(_O_LENGTH)
+        self.table = np.zeros(0, dtype=np.float32)
+        self.stats = np.zeros(0)
+        self.active = np.zeros(0, dtype=np.int32)
+        self.work = np.zeros(0)
+        self.rows = np.zeros(0, dtype=np.int32)
+        self.outside = new_outside(k1, 1)
+
+    def run(self, lo: float, hi: float, alpha: float, scale: float, log_p0: float, log_rest: float, zero_logit: float,
+            threads: int) -> int:
+        """One step: ``grad += alpha * d(-log p)/dw`` at the addresses in :attr:`grad_addresses`, the mixture's
+        gradients (times ``scale``) into its gradient views, over a table spanning ``[lo, hi]`` (weights beyond it
+        exact). Returns a ``STEP_*`` status; the results are in :attr:`out` (``STEP_DONE``)."""
+        fv, iv = self.fv, self.iv
+        fv[_F_LOG_P0], fv[_F_LOG_REST], fv[_F_LO], fv[_F_HI] = log_p0, log_rest, lo, hi
+        fv[_F_ALPHA], fv[_F_SCALE], fv[_F_Z] = alpha, scale, zero_logit
+        iv[_I_THREADS] = threads
+        while True:
+            status = int(_step_kernel(*self.mixture, fv, iv, self.table, self.stats, self.active, self.work, self.mix,
+                                      self.lh, self.rows, self.cells, self.fracs, self.consts, self.pointers,
+                                      self.args, self.fns, self.outside, self.sums, *self.grads, self.out))
+            if status != STEP_GROW:
+                return status
+            self._grow(int(self.out[_O_SIZE]), threads)
+
+    def _grow(self, n: int, threads: int) -> None:
+        """Buffers for a grid of ``n`` points on ``threads`` threads, with half again as much room."""
+        k1 = self.mix.shape[1]
+        n = n + n // 2
+        n_fine = (n - 1) * int(self.iv[_I_SUBBINS])
+        self.table = np.zeros(2 * n_fine, dtype=np.float32)
+        self.stats = np.zeros(stats_length(n, k1))
+        self.active = np.zeros(blocks(n) * (1 + k1), dtype=np.int32)
+        self.work = np.zeros(max(threads, 1) * work_length(k1, n))
+        self.rows = np.zeros(max(threads, 1) * n_fine, dtype=np.int32)
+        self.cells = np.zeros(max(threads, 1) * _BLOCK, dtype=np.int32)
+        self.fracs = np.zeros(max(threads, 1) * _BLOCK, dtype=np.float32)
+        self.outside = new_outside(k1, max(threads, 1))

@@ -222,6 +222,9 @@ def mixture_nll_grad(
     return MixtureGrad(nll, grads, gm, gl, gp)
 
 
+MIN_GRID, MAX_GRID, SUBBINS = 1024, 1 << 16, 4  # MixtureTable's defaults (also the callback's one-call CPU step's)
+
+
 class MixtureTable:
     """The per-weight functions of the mixture tabulated on a uniform grid, for fast gradients of many weights.
 
@@ -274,10 +277,10 @@ class MixtureTable:
         lo: float,
         hi: float,
         spacing: float = 0.025,
-        min_grid: int = 1024,
-        max_grid: int = 1 << 16,
+        min_grid: int = MIN_GRID,
+        max_grid: int = MAX_GRID,
         chunk_size: int = 1 << 20,
-        subbins: int = 4,
+        subbins: int = SUBBINS,
         workspace: dict[str, Any] | None = None,
         kernel: str = "auto",
     ) -> None:
@@ -295,6 +298,8 @@ class MixtureTable:
         self.subbins = subbins
         self.fine_counts: torch.Tensor | None = None  # histogram of sub-cell counts, from the first bincount
         self._counted = 0
+        self.weight_range: tuple[float, float] | None = None  # set by accumulate_all_host
+        self.outside_count = 0  # weights accumulate_all_host found outside the grid (NaN and inf among them)
         self.workspace = workspace if workspace is not None else {}
         self._g_start: torch.Tensor | None = None
         self._slope: torch.Tensor | None = None
@@ -343,7 +348,15 @@ class MixtureTable:
             self._means = m_np
             # the kernels' views, made once: a tensor -> NumPy conversion costs ~1 us, and a step makes dozens
             self._table_host = self._table.numpy().view(np.complex64).reshape(-1)
-            self._u_consts = (np.float32(self._u_scale), np.float32(-lo * self._u_scale), np.float32(self._u_max))
+            # the per-weight pass's constants (alpha, index 3, is set per call): accumulate_all_host takes the exact
+            # path outside the grid's range [lo, lo + (G - 1) h]; accumulate_host clamps there, as the ATen path does
+            self._consts = prior_kernels.pass_constants(self._u_scale, -lo * self._u_scale, self._u_max, 0.0, lo,
+                                                        lo + (n - 1) * self.h)
+            self._consts_clamped = prior_kernels.pass_constants(self._u_scale, -lo * self._u_scale, self._u_max, 0.0,
+                                                                -np.inf, np.inf)
+            mix = self._host_scratch("mix", 3 * k1, np.float64)[: 3 * k1].reshape(3, k1)
+            mix[0], mix[1], mix[2] = m_np, prec_np, const_np
+            self._mix = mix  # (3, J+1): the exact path's mixture
             self._dtype = torch.float32
         else:
             const, prec = _component_log_terms(m, lp, lpi)
@@ -452,8 +465,12 @@ class MixtureTable:
         if self._counted >= 2**31 and self.fine_counts.dtype == torch.int32:
             self.fine_counts = self.fine_counts.long()  # a sub-cell could overflow int32
             self._counts_host = self.fine_counts.numpy()
-        self._kernels._accumulate_kernel(w, grad, self._table_host, self._counts_host, *self._u_consts,
-                                         np.float32(alpha))
+        consts = self._consts_clamped
+        consts[3] = alpha
+        outside = self.workspace.get("host_outside_clamped")  # only a NaN weight reaches it: not read
+        if outside is None or outside.shape[0] != self._kernels.outside_length(self._mix.shape[1]):
+            outside = self.workspace["host_outside_clamped"] = self._kernels.new_outside(self._mix.shape[1])[0]
+        self._kernels._accumulate_kernel(w, grad, self._table_host, self._counts_host, consts, self._mix, outside)
 
     def accumulate_all_host(
         self, ws: tuple[np.ndarray, ...], grads: tuple[np.ndarray, ...], alpha: float
@@ -461,6 +478,12 @@ class MixtureTable:
         """:meth:`accumulate_host` for every ``(w, grad)`` pair and the binned sums in one compiled call
         (:func:`distill.prior_kernels.host_pass`; fused path only, on a table nothing was accumulated into yet), then
         what :meth:`result` computes from them.
+
+        Unlike :meth:`accumulate_host`, a weight outside the grid's range is not clamped to it: its gradient and its
+        terms of the sums are computed exactly (float64, every component), so the result holds for any weights, and
+        a table built over a range that misses a few of them (the callback's, built over the range of the previous
+        step's weights) costs those few an exact evaluation. Afterwards :attr:`weight_range` holds the weights' range
+        (to within a sub-cell), as the pass saw it.
 
         Returns:
             ``(nll, grad_means, grad_log_precisions, grad_log_pis)``, float64 NumPy values.
@@ -477,18 +500,36 @@ class MixtureTable:
             team = self.workspace.get("team_pass")
             if team is None:
                 team = self.workspace["team_pass"] = self._kernels.TeamPass()
-            counts, tot, spread = team.run(threads, ws, grads, self._table_host, self.n_fine, self._u_consts, alpha,
-                                           self.subbins, self.stats.numpy(), self._active, self._means, self.lo,
-                                           self.h)
+        consts = self._consts
+        consts[3] = alpha
+        if threads > 1:  # split over torch's own OpenMP threads (bit-identical results)
+            team = self.workspace.get("team_pass")
+            if team is None:
+                team = self.workspace["team_pass"] = self._kernels.TeamPass()
+            counts, tot, spread, first, last, outside = team.run(
+                threads, ws, grads, self._table_host, self.n_fine, consts, self._mix, self.subbins, self.stats.numpy(),
+                self._active, self.lo, self.h)
         else:
             counts = self._host_scratch("counts", self.n_fine, np.int32)[: self.n_fine]
-            tot, spread = self._kernels.host_pass(ws, grads, self._table_host, counts, self._u_consts, alpha,
-                                                  self.subbins, self.stats.numpy(), self._active, self._means, self.lo,
-                                                  self.h)
+            outside = self.workspace.get("host_outside")
+            if outside is None or outside.shape[1] != self._kernels.outside_length(self._mix.shape[1]):
+                outside = self.workspace["host_outside"] = self._kernels.new_outside(self._mix.shape[1])
+            tot, spread, first, last = self._kernels.host_pass(ws, grads, self._table_host, counts, consts, self._mix,
+                                                               outside, self.subbins, self.stats.numpy(),
+                                                               self._active, self.lo, self.h)
+            outside = outside[0]
         self.fine_counts = torch.from_numpy(counts)
         self._counts_host = counts
         self._counted = counted
-        return self._grads_from_sums(tot, spread, self.prec.numpy())  # type: ignore[no-any-return]
+        cell = self.h / self.subbins
+        lo, hi = (self.lo + first * cell, self.lo + (last + 1) * cell) if first >= 0 else (math.inf, -math.inf)
+        k1 = self._mix.shape[1]
+        n_out = outside[1 + 3 * k1]
+        if n_out:  # weights outside the grid (rare): their exact sums join the binned ones
+            lo, hi = min(lo, float(outside[2 + 3 * k1])), max(hi, float(outside[3 + 3 * k1]))
+        self.weight_range = (lo, hi)
+        self.outside_count = int(n_out)
+        return self._grads_from_sums(tot, spread, self.prec.numpy(), outside if n_out else None)
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         """``d(-log p)/dw`` per weight (interpolated, clamped to ``[lo, hi]``), shape of ``w``; does not touch the
@@ -524,13 +565,20 @@ class MixtureTable:
             prec = self.prec
         return self._grads_from_sums(tot, spread, prec)
 
-    def _grads_from_sums(self, tot: Any, spread: float, prec: Any) -> tuple[Any, Any, Any, Any]:
-        """``(nll, grad_means, grad_log_precisions, grad_log_pis)`` from the binned sums ``(-log p, R, S, Q)``."""
+    def _grads_from_sums(self, tot: Any, spread: float, prec: Any, outside: np.ndarray | None = None
+                         ) -> tuple[Any, Any, Any, Any]:
+        """``(nll, grad_means, grad_log_precisions, grad_log_pis)`` from the binned sums ``(-log p, R, S, Q)``, and the
+        exact ones of the weights outside the grid (``outside``, :func:`distill.prior_kernels.new_outside`'s layout)."""
         r, s, q = tot[1:].reshape(3, -1)
         # Sheppard's correction: interpolating d^2 linearly between grid points overestimates it by t(1-t) h^2
         q = q - r * (self.h**2 * spread)
+        nll = tot[0]
+        if outside is not None:
+            k1 = r.shape[0]
+            nll = nll + outside[0]
+            r, s, q = r + outside[1 : 1 + k1], s + outside[1 + k1 : 1 + 2 * k1], q + outside[1 + 2 * k1 : 1 + 3 * k1]
         gm, gl, gp = _mixture_param_grads((r, s, q), prec)
-        return tot[0], gm, gl, gp
+        return nll, gm, gl, gp
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from distill import prior_kernels
 from distill.callbacks import GMMPrior, LoadWeights
 from distill.priors import GaussianMixturePrior
 
@@ -55,7 +56,7 @@ def prior_kwargs(**kw: Any) -> dict[str, Any]:
 
 
 def reference(steps: int, accumulate: int = 1, clip: float | None = None, autocast: bool = False,
-              batch: int = BATCH, **kw: Any) -> tuple[nn.Module, GaussianMixturePrior]:
+              batch: int = BATCH, before_step: Any = None, **kw: Any) -> tuple[nn.Module, GaussianMixturePrior]:
     """Plain torch: one backward of (mean task loss + tau/N * prior) per optimizer step."""
     model = Plain()
     cb = GMMPrior(**prior_kwargs(**kw))
@@ -69,6 +70,8 @@ def reference(steps: int, accumulate: int = 1, clip: float | None = None, autoca
     batches = list(loader(batch))
     scale = cb.current_tau(0) / N_DATA
     for s in range(steps):
+        if before_step is not None:
+            before_step(s, model)
         opt.zero_grad()
         mopt.zero_grad()
         for x, y in batches[s * accumulate:(s + 1) * accumulate]:
@@ -107,6 +110,76 @@ def test_equals_single_backward_of_loss_plus_prior(trainer_kwargs: dict[str, Any
     untouched = Plain()
     assert not torch.allclose(untouched.net[0].weight, model.net[0].weight)
     assert cb.last_prior_loss is not None and cb.dataset_size == N_DATA
+
+
+def _move_out(step: int, model: nn.Module) -> None:
+    """At step 2, two weights far beyond the range every weight had before."""
+    if step == 2:
+        with torch.no_grad():
+            model.net[0].weight[0, 0] = 3.0
+            model.net[2].weight[1, 1] = -2.5
+
+
+def test_table_over_last_steps_range_is_exact_beyond_it(trainer_kwargs: dict[str, Any],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU table spans the previous step's weights (widened a little), measured by the pass itself: the weights'
+    range is read on the first step only, and a weight that has moved beyond the table since gets its exact gradient.
+    The run still equals one backward of loss + prior at every step."""
+    calls = []
+    measure = GMMPrior._weight_ranges
+    monkeypatch.setattr(GMMPrior, "_weight_ranges", staticmethod(lambda *a, **k: calls.append(1) or measure(*a, **k)))
+
+    class MoveOut(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            _move_out(trainer.global_step, pl_module)
+
+    model, cb = fit(trainer_kwargs, 4, callbacks=[MoveOut()], method="table")
+    ref_model, ref_mix = reference(4, before_step=_move_out)
+    assert_same(model, cb.mixture, ref_model, ref_mix, tol=1e-5)
+    assert len(calls) == 1  # the first step's
+    # the last pass saw the two moved weights (pulled in since, far beyond the others, which start within +-0.3)
+    assert cb._range_hint is not None and cb._range_hint[0] < -1.5 and cb._range_hint[1] > 1.5
+    assert cb.state_dict()["range_hint"] == list(cb._range_hint)
+
+
+@pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")
+def test_one_call_cpu_step_equals_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU prior's step in one compiled call (``prior_kernels.HostStep``, from the second step on, once the
+    mixture has gradients to write into) sets the same weight and mixture gradients as the general fused path, bit
+    for bit, and the same loss, also for a weight moved beyond the table between steps."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(300, 120), nn.ReLU(), nn.Linear(120, 10))  # 37,200 weights: on torch's team if any
+    runs = []
+    for one_call in (True, False):
+        model = copy.deepcopy(net)
+        cb = GMMPrior(**prior_kwargs(method="auto", num_components=8, init_std=0.05, gamma=(25.0, 0.01)))
+        cb._params = cb.filter_parameters(model)  # as on_fit_start sets them
+        cb.num_weights = sum(p.numel() for p in cb._params.values())
+        with torch.no_grad():
+            cb.mixture.free_means.copy_(torch.linspace(-0.05, 0.05, 8))
+        cb.optimizer = cb._build_optimizer()
+        if not one_call:
+            monkeypatch.setattr(cb, "_host_step", lambda *args: None)
+        record = []
+        for step in range(5):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.01)  # fresh tensors, as after zero_grad(set_to_none=True)
+            if step == 3:
+                with torch.no_grad():
+                    model[0].weight[0, 0] = 2.0
+            loss = cb.apply_prior_gradient(scale=1e-3, step=step)
+            record.append((loss, [p.grad.clone() for p in model.parameters()],
+                           [q.grad.clone() for q in cb.mixture.parameters()]))  # type: ignore[union-attr]
+            cb.step_mixture()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.05 * p.grad  # type: ignore[operator]
+        assert ("_plan" in cb.__dict__) == one_call
+        runs.append(record)
+    for (loss_a, grads_a, mix_a), (loss_b, grads_b, mix_b) in zip(*runs, strict=True):
+        assert loss_a == loss_b
+        for a, b in zip(grads_a + mix_a, grads_b + mix_b, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_with_gradient_accumulation(trainer_kwargs: dict[str, Any]) -> None:
@@ -408,7 +481,8 @@ def test_load_weights_then_prior(trainer_kwargs: dict[str, Any], tmp_path: Path)
         pl.Trainer(callbacks=[LoadWeights(str(tmp_path / "nope.ckpt"))], **trainer_kwargs).fit(Plain(), loader())
 
 
-def test_nan_weight_raises_with_name_and_step(trainer_kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("method", ["exact", "table"])  # table: found in the loss, then named
+def test_nan_weight_raises_with_name_and_step(trainer_kwargs: dict[str, Any], method: str) -> None:
     class Nan(Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
             if trainer.global_step == 2:
@@ -416,7 +490,7 @@ def test_nan_weight_raises_with_name_and_step(trainer_kwargs: dict[str, Any]) ->
                     pl_module.net[2].weight[0, 0] = float("nan")
 
     with pytest.raises(FloatingPointError, match=r"net\.2\.weight.*step 2"):
-        fit(trainer_kwargs, 4, callbacks=[Nan()])
+        fit(trainer_kwargs, 4, callbacks=[Nan()], method=method)
 
 
 @pytest.mark.parametrize(

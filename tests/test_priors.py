@@ -123,18 +123,64 @@ def test_fused_kernels_agree_with_aten_ops() -> None:
     assert torch.equal(torch.cat(gs), g_f) and torch.equal(host.fine_counts, counts_f)
     for a, b in zip(host.result(), res_f, strict=True):
         assert torch.equal(a, b)
-    # and all tensors in one compiled call (the callback's CPU path), with reused workspace buffers: identical
+    # and all tensors in one compiled call (the callback's CPU path), with reused workspace buffers: identical for
+    # the weights the table covers; those below its range are not clamped but get their exact gradient and sums
+    w_all = torch.cat(ws)
+    exact = mixture_nll_grad([w_all.double()], means, lp, lpi)  # for the gradients of the weights below the range
     workspace: dict[str, torch.Tensor] = {}
     for _ in range(2):
         one = MixtureTable(means.numpy(), lp.numpy(), lpi.numpy(), lo, hi, workspace=workspace)
         gs = [torch.full_like(w, 0.5) for w in ws]
         out = one.accumulate_all_host(tuple(w.numpy().reshape(-1) for w in ws),
                                       tuple(g.numpy().reshape(-1) for g in gs), 0.3)
-        assert torch.equal(torch.cat(gs), g_f) and torch.equal(one.fine_counts, counts_f)
-        for a, b in zip(out, res_f, strict=True):
-            torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), b, rtol=1e-14, atol=0)
+        below = w_all < np.float32(one.lo)
+        n_below = int(below.sum())
+        assert n_below >= 1 and one.outside_count == n_below and not bool((w_all > np.float32(hi)).any())
+        g_one = torch.cat(gs)
+        assert torch.equal(g_one[~below], g_f[~below])
+        torch.testing.assert_close(g_one[below].double(), 0.5 + 0.3 * exact.grad_w[0][below], rtol=1e-6, atol=1e-5)
+        assert not torch.allclose(g_one[below], g_f[below])  # the clamped ones were wrong there
+        expected_counts = counts_f.clone()
+        expected_counts[0] -= n_below  # clamped, they had been counted in the first sub-cell
+        assert torch.equal(one.fine_counts, expected_counts)
+        # the sums are those of the weights inside, binned, plus the exact ones of the weights below
+        inside = MixtureTable(means.numpy(), lp.numpy(), lpi.numpy(), lo, hi)
+        binned = inside.accumulate_all_host((w_all[~below].numpy(),), (np.zeros(len(w_all) - n_below, np.float32),),
+                                            0.3)
+        assert inside.outside_count == 0
+        rest = mixture_nll_grad([w_all[below].double()], means, lp, lpi)
+        for a, b, c in zip(out, binned, (rest.nll, rest.grad_means, rest.grad_log_precisions, rest.grad_log_pis),
+                           strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b) + c.double().numpy(), rtol=1e-9, atol=1e-9)
+        assert one.weight_range is not None and one.weight_range[0] == float(w_all.min())
+        assert 0 <= one.weight_range[1] - float(w_all.max()) <= one.h / one.subbins
     with pytest.raises(RuntimeError, match="fresh table"):
         one.accumulate_all_host((ws[0].numpy(),), (gs[0].numpy(),), 0.3)
+
+
+@pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_fused_pass_routes_nan_and_inf_to_the_exact_path(bad: float) -> None:
+    """A non-finite weight makes the pass's loss and sums non-finite (how the callback finds it) without touching the
+    table or the histogram, and leaves the other weights' gradients as they are."""
+    means, lp, lpi = _mixture(j=8)
+    w = _weights(10_000).float()
+    lo, hi = float(w.min()), float(w.max())
+    grads = []
+    for value in (None, bad):
+        ww = w.clone()
+        if value is not None:
+            ww[1234] = value
+        table = MixtureTable(means.numpy(), lp.numpy(), lpi.numpy(), lo, hi)
+        g = torch.zeros_like(ww)
+        nll, gm, _, _ = table.accumulate_all_host((ww.numpy(),), (g.numpy(),), 0.3)
+        grads.append((g, float(nll), gm, table))
+    (g0, nll0, _, t0), (g1, nll1, gm1, t1) = grads
+    assert np.isfinite(nll0) and not np.isfinite(nll1) and not np.isfinite(gm1).all()
+    keep = torch.arange(len(w)) != 1234
+    assert torch.equal(g1[keep], g0[keep]) and not torch.isfinite(g1[1234])
+    assert t1.outside_count == 1 and t1.fine_counts is not None and t0.fine_counts is not None
+    assert int(t1.fine_counts.sum()) == len(w) - 1
 
 
 @pytest.fixture
@@ -146,9 +192,10 @@ def torch_threads():  # type: ignore[no-untyped-def]
 
 @pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")
 def test_pass_on_torchs_openmp_threads_is_identical_to_one_thread(torch_threads) -> None:  # type: ignore[no-untyped-def]
-    """Split over torch's OpenMP team (2 threads, and 3 on fewer cores), the per-weight pass writes the same gradients,
-    histogram and sums as on one thread, bit for bit: tensors smaller than the team, weights beyond the table's
-    range, a workspace reused by a bigger grid."""
+    """Split over torch's OpenMP team (2 threads, and 3 on fewer cores), the per-weight pass writes the same gradients
+    and histogram as on one thread, bit for bit, and the same sums (those of the weights beyond the table's range,
+    computed exactly, up to the order of their additions): tensors smaller than the team, weights beyond the table's
+    range on both sides, a workspace reused by a bigger grid."""
     torch_threads(2)
     if prior_kernels.team_size(1 << 20) == 1:
         if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
@@ -165,14 +212,19 @@ def test_pass_on_torchs_openmp_threads_is_identical_to_one_thread(torch_threads)
             table = MixtureTable(means.numpy(), lp.numpy(), lpi.numpy(), lo, hi, workspace=workspace)
             gs = [torch.full_like(w, 0.25) for w in ws]
             out = table.accumulate_all_host(tuple(w.numpy() for w in ws), tuple(g.numpy() for g in gs), 0.3)
-            assert table.fine_counts is not None and int(table.fine_counts.sum()) == sum(w.numel() for w in ws)
-            results[threads] = (torch.cat(gs), table.fine_counts.clone(), [np.asarray(o) for o in out])
+            assert table.fine_counts is not None and table.outside_count > 0
+            assert int(table.fine_counts.sum()) + table.outside_count == sum(w.numel() for w in ws)
+            results[threads] = (torch.cat(gs), table.fine_counts.clone(), [np.asarray(o) for o in out],
+                                table.weight_range)
         assert "team_pass" in workspace
         for threads in (2, 3):
             assert torch.equal(results[threads][0], results[1][0])
             assert torch.equal(results[threads][1], results[1][1])
+            assert results[threads][3] == results[1][3]
+            # the exact sums of the weights beyond the table are added per thread, then across threads: the same
+            # numbers up to the order of float64 additions
             for a, b in zip(results[threads][2], results[1][2], strict=True):
-                assert np.array_equal(a, b)
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
 
 
 @pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")

@@ -53,6 +53,9 @@ from distill.compress.params import compressible_parameters, network_of
 from distill.io import atomic_savez, atomic_write_json, run_folder
 from distill.module_utils import piecewise_schedule, schedule_at, should_log_step, skip_idle_graph_capture_check
 from distill.priors import (
+    MAX_GRID,
+    MIN_GRID,
+    SUBBINS,
     GaussianMixturePrior,
     MixtureTable,
     _mixture_param_grads,
@@ -66,6 +69,12 @@ __all__ = ["GMMPrior"]
 
 
 METHODS = ("auto", "exact", "table")
+
+
+def _kernels_available() -> bool:
+    from distill import prior_kernels  # numba: imported on first use, not with the package
+
+    return prior_kernels.AVAILABLE
 
 
 class _MixtureAdam(torch.optim.Adam):
@@ -215,7 +224,9 @@ class GMMPrior(Callback):
             the fused Triton kernel on CUDA, else ATen ops) or ``"torch"`` (ATen ops only: on a CPU the same algorithm
             and results within float32 rounding; on CUDA the table instead of the exact kernel). With
             ``torch.get_num_threads() > 1`` on Linux the fused per-weight pass (and a big table's build) runs on torch's
-            own OpenMP threads (identical results; ``DISTILL_PRIOR_TEAM=0`` keeps them on one).
+            own OpenMP threads (identical results; ``DISTILL_PRIOR_TEAM=0`` keeps them on one). That CPU table spans
+            the range of the previous step's weights (the pass measures it), widened by 1% each side; a weight found
+            beyond it gets its exact gradient, so the table never has to be sized by an extra read of every weight.
         merge_threshold: merge components closer than this (symmetric KL, or mean distance) before quantizing.
         merge_criterion: ``"kl"`` or ``"mean"``.
         quantize_on_end: quantize the weights at the end of training.
@@ -240,6 +251,9 @@ class GMMPrior(Callback):
     _mixture_pending = False  # the mixture's gradients are set for a network step: it steps after that one
     _network_stepped = False  # ...which has run (an optimizer step post-hook)
     _step_hooks: list[Any] = []  # noqa: RUF012 - replaced per fit, never mutated in place
+    # the range a CPU table is built over: the previous step's weights' range, widened (see apply_prior_gradient)
+    _range_hint: tuple[float, float] | None = None
+    RANGE_MARGIN = 0.01  # each side, as a fraction of the range
 
     def __init__(
         self,
@@ -406,6 +420,8 @@ class GMMPrior(Callback):
             raise ValueError(f"GMMPrior: parameters {missing} are not in any optimizer of the module")
         self._params = params
         self.num_weights = sum(p.numel() for p in params.values())
+        if self._pending_state is None:
+            self._range_hint = None  # another network or run: the first step measures its weights
         self._mixture_pending = False
         self._network_stepped = False
         for handle in self._step_hooks:
@@ -619,6 +635,9 @@ class GMMPrior(Callback):
         mix = self.mixture
         params = list(self._params.values())
         with torch.no_grad():
+            loss = self._host_step(params, scale, step, grad_scale)
+            if loss is not None:
+                return loss
             means_np, lp_np, lpi_np, mixture_finite = mix._host_mixture()
             if not mixture_finite:
                 for name, q in mix.named_parameters():
@@ -639,7 +658,18 @@ class GMMPrior(Callback):
                 hyper, finite = mix._backward_from_stats(gm, gl, gp, scale)
                 return self._finish_prior(nll, hyper, finite, scale, step)
             arrays = self._host_arrays(params)
-            ranges = self._check_weight_ranges(params, on_cpu=arrays is not None, step=step)
+            grads = [p.grad for p in params]
+            # The fused CPU pass takes the exact path for any weight outside its table (and NaN/inf), so its table
+            # need not span this step's weights: it spans the previous step's range (which the pass reports for free)
+            # widened by RANGE_MARGIN, and the weights' own range pass -- a read of every weight and a thread-team
+            # wake-up that cost ~0.1-0.3 ms a step on LeNet-300-100, more than the table's build (BENCHMARKS.md,
+            # session 20) -- runs on the first step only. A non-finite weight then shows in the loss, and is named.
+            fused_host = (arrays is not None and self.kernel == "auto" and self._use_table() and _kernels_available()
+                          and all(g is not None and g.dtype == torch.float32 and g.is_contiguous() for g in grads))
+            hint = self._range_hint if fused_host else None
+            self._range_hint = None
+            ranges = [hint] if hint is not None else self._check_weight_ranges(params, on_cpu=arrays is not None,
+                                                                                step=step)
             dev, dtype = mix.free_means.device, mix.free_means.dtype
 
             def on_device() -> list[torch.Tensor]:
@@ -655,12 +685,13 @@ class GMMPrior(Callback):
                                      workspace=self._workspace, kernel=self.kernel)
                 if self.method == "auto" and table.needed > table.size:
                     table = None  # too narrow a component for the grid: exact (slower) rather than inaccurate
-            grads = [p.grad for p in params]
-            if table is not None and table.fused and arrays is not None and all(
-                    g is not None and g.dtype == torch.float32 and g.is_contiguous() for g in grads):
+            if table is not None and table.fused and fused_host:
                 # the whole pass in one compiled call on NumPy views of the weights and their gradients
                 host_grads = tuple(g.detach().numpy().reshape(-1) for g in grads)  # type: ignore[union-attr]
-                nll, gm, gl, gp = table.accumulate_all_host(tuple(arrays), host_grads, scale * grad_scale)
+                nll, gm, gl, gp = table.accumulate_all_host(tuple(arrays), host_grads, scale * grad_scale)  # type: ignore[arg-type]
+                self._range_hint = self._widened(table.weight_range)
+                if hint is not None and not math.isfinite(float(nll)):
+                    self._check_weight_ranges(params, on_cpu=True, step=step)  # a NaN/inf weight: name it
             elif table is not None:
                 for p, g in zip(params, grads, strict=True):
                     table.accumulate_grad(p.detach(), g, alpha=scale * grad_scale)  # type: ignore[arg-type]
@@ -673,6 +704,95 @@ class GMMPrior(Callback):
                 nll, gm, gl, gp = res.nll, res.grad_means, res.grad_log_precisions, res.grad_log_pis
             hyper, finite = mix._backward_from_stats(gm, gl, gp, scale)
         return self._finish_prior(nll, hyper, finite, scale, step)
+
+    def _host_step(self, params: list[nn.Parameter], scale: float, step: int, grad_scale: float) -> float | None:
+        """The fused CPU path below in one compiled call (:class:`distill.prior_kernels.HostStep`: the same numbers,
+        without ~60 Python-level calls that cost ~0.5 ms inside a step); ``None`` where it does not apply (the
+        general path then runs: it also names a non-finite mixture parameter, and takes the exact path when the grid
+        would be too fine)."""
+        arrays = self._host_arrays(params)
+        if arrays is None or self.kernel != "auto" or not self._use_table():
+            return None
+        mix = self.mixture
+        views = mix._param_views()
+        plan: tuple[Any, ...] | None = self.__dict__.get("_plan")
+        if plan is None or plan[0] is not arrays or plan[1] is not views or not all(
+                p.grad is g and g.data_ptr() == ptr for p, g, ptr in plan[3]):
+            plan = self._new_plan(arrays, views)
+            if plan is None:
+                return None
+        addresses = plan[2].grad_addresses
+        for i, p in enumerate(params):
+            g = p.grad
+            if g is None or not g.is_contiguous():
+                return None
+            addresses[i] = g.data_ptr()
+        from distill import prior_kernels
+
+        hint = self._range_hint
+        self._range_hint = None
+        if hint is not None:
+            lo, hi = hint
+        else:  # the first step: the weights' own range
+            ranges = self._check_weight_ranges(params, on_cpu=True, step=step)
+            lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        if mix.zero_logit is not None:
+            z = float(mix.zero_logit.detach())
+            log_p0, log_rest = -float(np.logaddexp(0.0, -z)), -float(np.logaddexp(0.0, z))
+        else:
+            z, log_p0, log_rest = 0.0, math.log(mix.pi_zero_init), math.log1p(-mix.pi_zero_init)
+        status = plan[2].run(lo, hi, scale * grad_scale, scale, log_p0, log_rest, z,
+                             prior_kernels.team_size(self.num_weights))
+        if status != prior_kernels.STEP_DONE:
+            self._range_hint = hint
+            return None
+        out = plan[2].out
+        nll = float(out[0])
+        self._range_hint = self._widened((float(out[3]), float(out[4])))
+        if hint is not None and not math.isfinite(nll):
+            self._check_weight_ranges(params, on_cpu=True, step=step)  # a NaN/inf weight: name it
+        return self._finish_prior(nll, float(out[1]), bool(out[2]), scale, step)
+
+    def _new_plan(self, arrays: list[np.ndarray], views: tuple[np.ndarray, ...]) -> tuple[Any, ...] | None:
+        """``(weights' arrays, mixture's views, HostStep, (mixture parameter, its gradient, address) triples)`` when
+        the one-call step applies: numba and torch's OpenMP runtime, the mixture's parameters on the CPU in float32
+        or float64 with gradients of the same kind to write in place; else ``None``."""
+        self.__dict__.pop("_plan", None)
+        if not _kernels_available():
+            return None
+        from distill import prior_kernels
+
+        if prior_kernels._team() is None:
+            return None
+        mix = self.mixture
+        ps = [mix.free_means, mix.log_precisions, mix.mixing_logits]
+        if mix.zero_logit is not None:
+            ps.append(mix.zero_logit)
+        grads = [p.grad for p in ps]
+        if not all(p.requires_grad and g is not None and g.device.type == "cpu" and g.is_contiguous()
+                   and g.dtype in (torch.float32, torch.float64) and p.device.type == "cpu"
+                   and p.dtype in (torch.float32, torch.float64) for p, g in zip(ps, grads, strict=True)):
+            return None  # e.g. the first step, before the mixture has gradients
+        g_views = [g.detach().numpy().reshape(-1) for g in grads]  # type: ignore[union-attr]
+        if mix.zero_logit is None:
+            g_views.append(np.zeros(1))
+        step = prior_kernels.HostStep(
+            arrays, (views[0], views[1], views[2]), (g_views[0], g_views[1], g_views[2], g_views[3]),
+            spacing=self.grid_spacing, min_grid=MIN_GRID, max_grid=MAX_GRID, subbins=SUBBINS,
+            auto=self.method == "auto", hyper=(mix.gamma_zero, mix.gamma, mix.pi_zero_beta),
+            has_zero_logit=mix.zero_logit is not None)
+        plan = (arrays, views, step, [(p, g, g.data_ptr()) for p, g in zip(ps, grads, strict=True)])  # type: ignore[union-attr]
+        self.__dict__["_plan"] = plan
+        return plan
+
+    def _widened(self, span: tuple[float, float] | None) -> tuple[float, float] | None:
+        """The range the next step's table spans: the weights' range ``span`` widened by :attr:`RANGE_MARGIN` each
+        side (``None`` for a non-finite one: the next step measures the weights)."""
+        if span is None or not (math.isfinite(span[0]) and math.isfinite(span[1])):
+            return None
+        lo, hi = span
+        pad = self.RANGE_MARGIN * (hi - lo)
+        return lo - pad, hi + pad
 
     def _finish_prior(self, nll: Any, hyper: float, finite: bool, scale: float, step: int) -> float:
         """The prior's loss term from its parts, after the checks that name what went non-finite."""
@@ -1013,6 +1133,8 @@ class GMMPrior(Callback):
             "pruned": self.pruned,
             "epoch_loss": {"sum": self._epoch_loss[0], "count": self._epoch_loss[1]},  # a mid-epoch resume goes on
             "initial_weights": {"file": self._initial_file, "id": self._initial_id},
+            # the next step's table range: a resumed run builds the table the uninterrupted one would
+            "range_hint": None if self._range_hint is None else list(self._range_hint),
         }
 
     @override
@@ -1040,6 +1162,8 @@ class GMMPrior(Callback):
             self._epoch_loss = [float(epoch_loss["sum"]), int(epoch_loss["count"])]
         initial = state.get("initial_weights") or {}
         self._initial_file, self._initial_id = initial.get("file"), initial.get("id")
+        hint = state.get("range_hint")
+        self._range_hint = (float(hint[0]), float(hint[1])) if hint is not None else None
         self._load_masks(state)
 
     def _load_masks(self, state: Mapping[str, Any]) -> None:
