@@ -37,9 +37,9 @@ except ImportError:  # pragma: no cover
     AVAILABLE = False
 
 __all__ = [
-    "AVAILABLE", "TeamPass", "bin_sums", "blocks", "build_table", "build_team_size", "component_terms", "host_pass",
-    "new_outside", "one_thread", "outside_length", "pass_constants", "point_stats", "reset_outside", "stats_length",
-    "team_size", "usable", "work_length",
+    "AVAILABLE", "HostStep", "TeamPass", "adam_update", "adam_update_all", "bin_sums", "blocks", "build_table",
+    "build_team_size", "component_terms", "host_pass", "new_outside", "one_thread", "outside_length", "pass_constants",
+    "point_stats", "reset_outside", "stats_length", "team_size", "usable", "work_length",
 ]
 
 
@@ -1070,6 +1070,29 @@ def adam_update(
     """One Adam update of float32 arrays in place (flat views), as ``torch.optim.Adam(foreach=False)`` computes it."""
     f = np.float32
     _adam_kernel(w, g, m, v, f(1.0 - beta1), f(beta2), f(1.0 - beta2), f(step_size), f(bc2_sqrt), f(eps))
+
+
+@_jit
+def _adam_all_kernel(
+    ws: Any, gs: Any, ms: Any, vs: Any, steps: Any, hp: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    for i in range(len(ws)):
+        steps[i][0] += np.float32(1.0)
+        n = float(steps[i][0])
+        beta1, beta2 = hp[i, 1], hp[i, 2]
+        f = np.float32
+        _adam_kernel(ws[i], gs[i], ms[i], vs[i], f(1.0 - beta1), f(beta2), f(1.0 - beta2),
+                     f(hp[i, 0] / (1.0 - beta1**n)), f(math.sqrt(1.0 - beta2**n)), f(hp[i, 3]))
+
+
+def adam_update_all(
+    ws: tuple[np.ndarray, ...], gs: tuple[np.ndarray, ...], ms: tuple[np.ndarray, ...], vs: tuple[np.ndarray, ...],
+    steps: tuple[np.ndarray, ...], hp: np.ndarray,
+) -> None:
+    """:func:`adam_update` for several float32 parameters in one call, their step counts (one-number float32 arrays)
+    incremented first and the bias corrections computed from them as :class:`torch.optim.Adam` does; ``hp``: float64
+    rows ``(lr, beta1, beta2, eps)``, one per parameter."""
+    _adam_all_kernel(ws, gs, ms, vs, steps, hp)
 
 
 # -- the callback's whole CPU step in one compiled call ----------------------------------------------------------------

@@ -142,12 +142,28 @@ class _MixtureAdam(torch.optim.Adam):
                 views.append((p, p.grad, state["exp_avg_sq"], p.data_ptr(), flat))
         self._view_cache = views
         self._cache_key = [len(g["params"]) for g in self.param_groups]
+        # all float32 (as the callback keeps its mixture): one compiled call for them all (each call from Python,
+        # with its argument conversions, cost ~10-30 us inside a training step)
+        flats = [v[4] for v in views if v[4] is not None]
+        self._packed = None
+        if flats and all(a.dtype == np.float32 for f in flats for a in f[1:]):
+            self._packed = ([f[0] for f in flats], *(tuple(f[k] for f in flats) for k in (2, 3, 4, 5)),
+                            tuple(f[1].reshape(1) for f in flats), np.zeros((len(flats), 4)))
         return views
 
-    @staticmethod
-    def _host_step(views: list[tuple[torch.Tensor, Any, Any, int, tuple[Any, ...] | None]]) -> None:
+    _packed: tuple[Any, ...] | None = None
+
+    def _host_step(self, views: list[tuple[torch.Tensor, Any, Any, int, tuple[Any, ...] | None]]) -> None:
         from distill import prior_kernels  # numba: imported on first use, not with the package
 
+        if self._packed is not None and views is self._view_cache:
+            groups, ws, gs, ms, vs, steps, hp = self._packed
+            for i, group in enumerate(groups):
+                hp[i, 0] = group["lr"]
+                hp[i, 1], hp[i, 2] = group["betas"]
+                hp[i, 3] = group["eps"]
+            prior_kernels.adam_update_all(ws, gs, ms, vs, steps, hp)
+            return
         for _, _, _, _, flat in views:
             if flat is None:
                 continue
