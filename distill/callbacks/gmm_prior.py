@@ -243,6 +243,8 @@ class GMMPrior(Callback):
             own OpenMP threads (identical results; ``DISTILL_PRIOR_TEAM=0`` keeps them on one). That CPU table spans
             the range of the previous step's weights (the pass measures it), widened by 1% each side; a weight found
             beyond it gets its exact gradient, so the table never has to be sized by an extra read of every weight.
+            From the second step on, that whole CPU path is one compiled call (:class:`distill.prior_kernels.HostStep`),
+            and the mixture's Adam step another.
         merge_threshold: merge components closer than this (symmetric KL, or mean distance) before quantizing.
         merge_criterion: ``"kl"`` or ``"mean"``.
         quantize_on_end: quantize the weights at the end of training.
