@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -142,22 +143,72 @@ def test_table_over_last_steps_range_is_exact_beyond_it(trainer_kwargs: dict[str
     assert cb.state_dict()["range_hint"] == list(cb._range_hint)
 
 
+def _wide_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(300, 120), nn.ReLU(), nn.Linear(120, 10))  # 37,200 weights: on torch's team if any
+
+
+def _prior_on(net: nn.Module, **kw: Any) -> tuple[nn.Module, GMMPrior]:
+    """A copy of ``net`` and a GMMPrior set up on it as ``on_fit_start`` would, outside a Trainer."""
+    model = copy.deepcopy(net)
+    cb = GMMPrior(**prior_kwargs(**{"num_components": 8, "init_std": 0.05, "gamma": (25.0, 0.01), **kw}))
+    cb._params = cb.filter_parameters(model)
+    cb.num_weights = sum(p.numel() for p in cb._params.values())
+    with torch.no_grad():
+        cb.mixture.free_means.copy_(torch.linspace(-0.05, 0.05, 8))
+    cb.optimizer = cb._build_optimizer()
+    return model, cb
+
+
+def _host_step_statuses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """What each ``HostStep.run`` call returns, from now on."""
+    statuses: list[int] = []
+    run = prior_kernels.HostStep.run
+    monkeypatch.setattr(prior_kernels.HostStep, "run", lambda self, *a: statuses.append(run(self, *a)) or statuses[-1])
+    return statuses
+
+
 @pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")
-def test_one_call_cpu_step_equals_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_goes_exact_when_a_component_is_too_narrow_for_the_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``method="auto"``: once a component narrows so far that the table would need more than its 65,536 points, the
+    one-call step gives up before touching a gradient and the step runs exact, as ``method="exact"`` does."""
+    net = _wide_net()
+    statuses = _host_step_statuses(monkeypatch)
+    model, cb = _prior_on(net, method="auto")
+    for step in range(3):
+        if step == 2:
+            with torch.no_grad():
+                cb.mixture.log_precisions[3] = 2 * math.log(1e6)  # std 1e-6: ~10^6 grid points at the spacing
+            mixture = copy.deepcopy(cb.mixture.state_dict())
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        cb.apply_prior_gradient(scale=1e-3, step=step)
+        if step < 2:
+            cb.step_mixture()
+    assert statuses == [prior_kernels.STEP_DONE, prior_kernels.STEP_GRID_TOO_FINE]
+    ref_model, ref = _prior_on(net, method="exact")
+    ref.mixture.load_state_dict(mixture)
+    for p in ref_model.parameters():
+        p.grad = torch.zeros_like(p)
+    ref.apply_prior_gradient(scale=1e-3, step=2)
+    for a, b in zip([*model.parameters(), *cb.mixture.parameters()],
+                    [*ref_model.parameters(), *ref.mixture.parameters()], strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(not prior_kernels.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize(("grad_scale", "pi_zero_beta"), [(1.0, None), (1024.0, (50.0, 2.0))])
+def test_one_call_cpu_step_equals_the_general_path(monkeypatch: pytest.MonkeyPatch, grad_scale: float,
+                                                   pi_zero_beta: tuple[float, float] | None) -> None:
     """The CPU prior's step in one compiled call (``prior_kernels.HostStep``, from the second step on, once the
     mixture has gradients to write into) sets the same weight and mixture gradients as the general fused path, bit
-    for bit, and the same loss, also for a weight moved beyond the table between steps."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(300, 120), nn.ReLU(), nn.Linear(120, 10))  # 37,200 weights: on torch's team if any
+    for bit, and the same loss, also for a weight moved beyond the table between steps; with AMP's loss scale on the
+    weights' gradients and a learned zero component (Beta hyper-prior) too."""
+    net = _wide_net()
+    statuses = _host_step_statuses(monkeypatch)
     runs = []
     for one_call in (True, False):
-        model = copy.deepcopy(net)
-        cb = GMMPrior(**prior_kwargs(method="auto", num_components=8, init_std=0.05, gamma=(25.0, 0.01)))
-        cb._params = cb.filter_parameters(model)  # as on_fit_start sets them
-        cb.num_weights = sum(p.numel() for p in cb._params.values())
-        with torch.no_grad():
-            cb.mixture.free_means.copy_(torch.linspace(-0.05, 0.05, 8))
-        cb.optimizer = cb._build_optimizer()
+        model, cb = _prior_on(net, method="auto", pi_zero_beta=pi_zero_beta)
         if not one_call:
             monkeypatch.setattr(cb, "_host_step", lambda *args: None)
         record = []
@@ -167,15 +218,17 @@ def test_one_call_cpu_step_equals_the_general_path(monkeypatch: pytest.MonkeyPat
             if step == 3:
                 with torch.no_grad():
                     model[0].weight[0, 0] = 2.0
-            loss = cb.apply_prior_gradient(scale=1e-3, step=step)
+            loss = cb.apply_prior_gradient(scale=1e-3, step=step, grad_scale=grad_scale)
             record.append((loss, [p.grad.clone() for p in model.parameters()],
                            [q.grad.clone() for q in cb.mixture.parameters()]))  # type: ignore[union-attr]
             cb.step_mixture()
             with torch.no_grad():
                 for p in model.parameters():
-                    p -= 0.05 * p.grad  # type: ignore[operator]
+                    p -= 0.05 / grad_scale * p.grad  # type: ignore[operator]
         assert ("_plan" in cb.__dict__) == one_call
+        assert (cb.mixture.zero_logit is not None) == (pi_zero_beta is not None)
         runs.append(record)
+    assert statuses == [prior_kernels.STEP_DONE] * 4  # steps 1-4 of the first run, in one call each
     for (loss_a, grads_a, mix_a), (loss_b, grads_b, mix_b) in zip(*runs, strict=True):
         assert loss_a == loss_b
         for a, b in zip(grads_a + mix_a, grads_b + mix_b, strict=True):
