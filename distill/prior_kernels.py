@@ -434,6 +434,92 @@ def pass_constants(u_scale: float, u_offset: float, u_max: float, alpha: float, 
     return np.array([u_scale, u_offset, u_max, alpha, w_lo, w_hi], dtype=np.float32)
 
 
+def block_width(components: int) -> int:
+    """float64 numbers per block of grid points in :func:`_bin_blocks`' partial sums."""
+    return 5 + 3 * components
+
+
+@_jit
+def _bin_blocks(
+    counts: np.ndarray, b_start: int, b_end: int, subbins: int, stats: np.ndarray, active: np.ndarray,
+    means: np.ndarray, lo: float, h: float, part: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    # The linear-binning sums of the grid blocks b_start <= b < b_end (of _RUN points each) into part[b]: -log p,
+    # sum t(1 - t), count, first and last non-empty sub-cell (-1: none) of the block's cells, then r, r d and r d^2
+    # of the block's carried components in active[b]'s order. A point's binned weight is formed from the sub-cell
+    # counts of its two cells in the order a scan of the whole histogram would add them (the cell before, then its
+    # own), so that blocks can be summed on different threads and give the same numbers. No allocation (it also
+    # runs on the team's threads in a cfunc).
+    n = counts.shape[0] // subbins + 1
+    k1 = means.shape[0]
+    for block in range(b_start, b_end):
+        row = part[block]
+        for i in range(row.shape[0]):
+            row[i] = 0.0
+        row[3] = -1.0
+        row[4] = -1.0
+        na = active[block, 0]
+        first = block * _RUN
+        for k in range(first, min(first + _RUN, n)):
+            wk = 0.0
+            if k >= 1:
+                for s_ in range(subbins):
+                    cnt = counts[(k - 1) * subbins + s_]
+                    if cnt != 0:
+                        wk += cnt * ((s_ + 0.5) / subbins)
+            if k < n - 1:
+                for s_ in range(subbins):
+                    f = k * subbins + s_
+                    cnt = counts[f]
+                    if cnt != 0:
+                        t = (s_ + 0.5) / subbins
+                        wk += cnt * (1.0 - t)
+                        row[1] += cnt * t * (1.0 - t)
+                        row[2] += cnt
+                        if row[3] < 0.0:
+                            row[3] = f
+                        row[4] = f
+            if wk == 0.0:
+                continue
+            x = lo + k * h
+            r = _row(k, k1, na)
+            row[0] -= wk * (stats[r] + math.log(stats[r + 1]))
+            for a in range(na):
+                wr = wk * stats[r + 2 + a]
+                d = x - means[active[block, 1 + a]]
+                row[5 + a] += wr
+                row[5 + k1 + a] += wr * d
+                row[5 + 2 * k1 + a] += wr * d * d
+
+
+@_jit
+def _sum_blocks(
+    part: np.ndarray, nb: int, active: np.ndarray, k1: int, out: np.ndarray
+) -> tuple[float, float, int, int]:  # pragma: no cover - compiled
+    # the blocks' partial sums added in block order into out (-log p, r_j, r_j d_j, r_j d_j^2); returns the count,
+    # sum t(1 - t), first and last non-empty sub-cells
+    total = 0.0
+    spread = 0.0
+    first_cell = -1
+    last_cell = -1
+    for block in range(nb):
+        row = part[block]
+        if row[2] == 0.0:
+            continue
+        out[0] += row[0]
+        spread += row[1]
+        total += row[2]
+        if first_cell < 0:
+            first_cell = int(row[3])
+        last_cell = int(row[4])
+        for a in range(active[block, 0]):
+            j = active[block, 1 + a]
+            out[1 + j] += row[5 + a]
+            out[1 + k1 + j] += row[5 + k1 + a]
+            out[1 + 2 * k1 + j] += row[5 + 2 * k1 + a]
+    return total, spread, first_cell, last_cell
+
+
 @_jit
 def _bin_kernel(
     counts: np.ndarray, subbins: int, stats: np.ndarray, active: np.ndarray, means: np.ndarray, lo: float, h: float,
@@ -441,61 +527,10 @@ def _bin_kernel(
 ) -> tuple[float, float, int, int]:  # pragma: no cover - compiled
     # returns the count, the sum of t(1 - t), and the first and last sub-cells holding a weight (-1: none)
     n = counts.shape[0] // subbins + 1
-    k1 = means.shape[0]
-    weight = np.zeros(n)
-    total = 0.0
-    spread = 0.0
-    first_cell = -1
-    last_cell = -1
-    for f in range(counts.shape[0]):
-        cnt = counts[f]
-        if cnt == 0:
-            continue
-        if first_cell < 0:
-            first_cell = f
-        last_cell = f
-        k = f // subbins
-        t = ((f % subbins) + 0.5) / subbins
-        weight[k] += cnt * (1.0 - t)
-        weight[k + 1] += cnt * t
-        total += cnt
-        spread += cnt * t * (1.0 - t)
-    # per block, sums over its carried components in local arrays (direct indices: the loop vectorises), added to
-    # the components' totals once at the block's end
-    mu = np.empty(k1)
-    acc = np.empty(3 * k1)
-    for block in range((n + _RUN - 1) // _RUN):
-        first = block * _RUN
-        stop = min(first + _RUN, n)
-        na = active[block, 0]
-        started = False
-        for k in range(first, stop):
-            wk = weight[k]
-            if wk == 0.0:
-                continue
-            if not started:
-                started = True
-                for a in range(na):
-                    mu[a] = means[active[block, 1 + a]]
-                    acc[a] = 0.0
-                    acc[k1 + a] = 0.0
-                    acc[2 * k1 + a] = 0.0
-            x = lo + k * h
-            row = _row(k, k1, na)
-            out[0] -= wk * (stats[row] + math.log(stats[row + 1]))
-            for a in range(na):
-                wr = wk * stats[row + 2 + a]
-                d = x - mu[a]
-                acc[a] += wr
-                acc[k1 + a] += wr * d
-                acc[2 * k1 + a] += wr * d * d
-        if started:
-            for a in range(na):
-                j = active[block, 1 + a]
-                out[1 + j] += acc[a]
-                out[1 + k1 + j] += acc[k1 + a]
-                out[1 + 2 * k1 + j] += acc[2 * k1 + a]
-    return total, spread, first_cell, last_cell
+    nb = (n + _RUN - 1) // _RUN
+    part = np.empty((nb, 5 + 3 * means.shape[0]))  # block_width
+    _bin_blocks(counts, 0, nb, subbins, stats, active, means, lo, h, part)
+    return _sum_blocks(part, nb, active, means.shape[0], out)  # type: ignore[no-any-return]
 
 
 def bin_sums(
@@ -558,7 +593,7 @@ def host_pass(
 # every tensor and counts into its own histogram row: results are bit-identical to :func:`host_pass` (tested).
 
 _TEAM_MIN_WEIGHTS = 1 << 15  # fewer weights: waking the team costs more than it saves
-_ARGS = 18  # the argument block: int64 slots, see _team_worker and _team_build_worker
+_ARGS = 25  # the argument block: int64 slots, see _team_worker and _team_build_worker
 
 if AVAILABLE:  # pragma: no branch
     from llvmlite import ir as _ir
@@ -599,6 +634,18 @@ if AVAILABLE:  # pragma: no branch
 
         return sig, codegen
 
+    @_intrinsic
+    def _call_void_fn(typingctx: Any, addr: Any) -> Any:
+        """Call the C function ``void f(void)`` at an address (the runtime's ``GOMP_barrier``)."""
+        sig = _nt.void(addr)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            fn = builder.inttoptr(args[0], _ir.FunctionType(_ir.VoidType(), []).as_pointer())
+            builder.call(fn, [])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     @numba.njit(cache=True, nogil=True)
     def _thread_share(a: np.ndarray, slot: int) -> tuple[int, int]:  # pragma: no cover - compiled
         """``(this thread's number, threads sharing the work)`` in a parallel region; ``a[slot]``, ``a[slot + 1]``: the
@@ -610,17 +657,9 @@ if AVAILABLE:  # pragma: no branch
             a[0] = team
         return t, min(team, a[slot + 2])
 
-    @numba.cfunc(_nt.void(_nt.voidptr), cache=True, error_model="numpy")
-    def _team_worker(data: Any) -> None:  # pragma: no cover - compiled, runs on the OpenMP threads
-        # argument block: 0 team size (out), 1 tensors, 2/3/4 addresses of the weight pointers, gradient pointers and
-        # sizes, 5/6 table address and length, 7 histogram rows address, 8 row length, 9/10 per-thread position
-        # scratch (cells, fractions), 11 float32 constants (pass_constants), 12/13 the addresses of
-        # omp_get_thread_num/omp_get_num_threads, 14 rows available, 15 the mixture ((3, J+1) float64), 16 J+1,
-        # 17 the per-thread sums over weights outside the table (rows of outside_length(J+1) float64)
-        a = numba.carray(_as_i64(data), (_ARGS,))  # type: ignore[call-arg]
-        t, parts = _thread_share(a, 12)
-        if t >= parts:
-            return
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+    def _team_pass_share(a: np.ndarray, t: int, parts: int) -> None:  # pragma: no cover - compiled
+        # thread t's share of the per-weight pass (_team_worker's argument block a)
         nt = a[1]
         wptr = numba.carray(_as_i64(a[2]), (nt,))
         gptr = numba.carray(_as_i64(a[3]), (nt,))
@@ -643,6 +682,46 @@ if AVAILABLE:  # pragma: no branch
             w = numba.carray(_as_f32(wptr[k]), (n,))
             g = numba.carray(_as_f32(gptr[k]), (n,))
             _accumulate_blocks(w[lo:hi], g[lo:hi], table, counts, cell, frac, c, mix, outside)
+
+    @numba.cfunc(_nt.void(_nt.voidptr), cache=True, error_model="numpy")
+    def _team_worker(data: Any) -> None:  # pragma: no cover - compiled, runs on the OpenMP threads
+        # argument block: 0 team size (out), 1 tensors, 2/3/4 addresses of the weight pointers, gradient pointers and
+        # sizes, 5/6 table address and length, 7 histogram rows address, 8 row length, 9/10 per-thread position
+        # scratch (cells, fractions), 11 float32 constants (pass_constants), 12/13 the addresses of
+        # omp_get_thread_num/omp_get_num_threads, 14 rows available, 15 the mixture ((3, J+1) float64), 16 J+1,
+        # 17 the per-thread sums over weights outside the table (rows of outside_length(J+1) float64), 18 the address
+        # of GOMP_barrier, 19/20 the table's statistics and lists of components, 21 (lo, h) float64, 22 the blocks'
+        # partial sums (rows of block_width(J+1) float64), 23 subbins.
+        # Then, after a barrier, each thread merges its share of the histogram's sub-cells into row 0, and after
+        # another, bins its share of the grid's blocks (_bin_blocks: the same numbers whatever the split). Every
+        # thread of the team reaches both barriers.
+        a = numba.carray(_as_i64(data), (_ARGS,))  # type: ignore[call-arg]
+        t, parts = _thread_share(a, 12)
+        if t < parts:
+            _team_pass_share(a, t, parts)
+        _call_void_fn(a[18])  # type: ignore[call-arg]
+        n_fine = a[8]
+        row0 = numba.carray(_as_i32(a[7]), (n_fine,))
+        if t < parts:
+            f0 = n_fine * t // parts
+            f1 = n_fine * (t + 1) // parts
+            for r in range(1, parts):
+                other = numba.carray(_as_i32(a[7] + r * n_fine * 4), (n_fine,))
+                for f in range(f0, f1):
+                    row0[f] += other[f]
+        _call_void_fn(a[18])  # type: ignore[call-arg]
+        if t < parts:
+            k1 = a[16]
+            subbins = a[23]
+            n = n_fine // subbins + 1
+            nb = (n + _RUN - 1) // _RUN
+            stats = numba.carray(_as_f64(a[19]), (nb * _RUN * (2 + k1),))
+            active = numba.carray(_as_i32(a[20]), (nb, 1 + k1))
+            lh = numba.carray(_as_f64(a[21]), (2,))
+            part = numba.carray(_as_f64(a[22]), (nb, 5 + 3 * k1))
+            mix = numba.carray(_as_f64(a[15]), (3, k1))
+            _bin_blocks(row0, nb * t // parts, nb * (t + 1) // parts, subbins, stats, active, mix[0], lh[0], lh[1],
+                        part)
 
     @numba.cfunc(_nt.void(_nt.voidptr), cache=True, error_model="numpy")
     def _team_build_worker(data: Any) -> None:  # pragma: no cover - compiled, runs on the OpenMP threads
@@ -695,7 +774,7 @@ if AVAILABLE:  # pragma: no branch
     ) -> tuple[float, float, int, int, int]:  # pragma: no cover - compiled
         # the pass over nt tensors whose weight and gradient addresses and sizes are pointers' rows, on `threads` of
         # torch's threads (one: on the calling thread), then the merged histogram's sums.
-        # fns: GOMP_parallel, _team_worker, omp_get_thread_num, omp_get_num_threads (addresses)
+        # fns: GOMP_parallel, _team_worker, omp_get_thread_num, omp_get_num_threads, _team_build_worker, GOMP_barrier
         n_fine = rows.shape[1]
         args[0] = 0
         args[1] = nt
@@ -715,19 +794,29 @@ if AVAILABLE:  # pragma: no branch
         args[15] = np.int64(mix.ctypes.data)
         args[16] = mix.shape[1]
         args[17] = np.int64(outside.ctypes.data)
+        k1 = mix.shape[1]
+        nb = active.shape[0]
+        part = np.empty((nb, 5 + 3 * k1))  # block_width
+        lh = np.empty(2)
+        lh[0] = lo
+        lh[1] = h
+        args[18] = fns[5]
+        args[19] = np.int64(stats.ctypes.data)
+        args[20] = np.int64(active.ctypes.data)
+        args[21] = np.int64(lh.ctypes.data)
+        args[22] = np.int64(part.ctypes.data)
+        args[23] = subbins
         reset_outside(outside)
         _call_gomp_parallel(fns[0], fns[1], np.int64(args.ctypes.data), np.int64(threads))  # type: ignore[call-arg]
         parts = min(args[0], threads)
         for r in range(1, parts):
-            for f in range(n_fine):
-                rows[0, f] += rows[r, f]
             width = outside.shape[1]
             for i in range(width - 2):
                 outside[0, i] += outside[r, i]
             outside[0, width - 2] = min(outside[0, width - 2], outside[r, width - 2])
             outside[0, width - 1] = max(outside[0, width - 1], outside[r, width - 1])
         sums[:] = 0.0
-        total, spread, first, last = _bin_kernel(rows[0], subbins, stats, active, mix[0], lo, h, sums)
+        total, spread, first, last = _sum_blocks(part, nb, active, k1, sums)
         return total, spread, parts, first, last
 
     @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
@@ -783,10 +872,11 @@ class _Team:
         self.parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
         self.parallel.restype = None
         addresses = [ctypes.cast(f, ctypes.c_void_p).value or 0
-                     for f in (lib.GOMP_parallel, lib.omp_get_thread_num, lib.omp_get_num_threads)]
+                     for f in (lib.GOMP_parallel, lib.omp_get_thread_num, lib.omp_get_num_threads, lib.GOMP_barrier)]
         if not all(addresses):
-            raise OSError(f"{path}: no address for GOMP_parallel / omp_get_thread_num / omp_get_num_threads")
-        self.parallel_address, self.thread_num, self.num_threads = addresses
+            raise OSError(f"{path}: no address for GOMP_parallel / omp_get_thread_num / omp_get_num_threads / "
+                          f"GOMP_barrier")
+        self.parallel_address, self.thread_num, self.num_threads, self.barrier = addresses
 
 
 _TEAM: _Team | None | bool = False  # False: not looked for yet
@@ -887,8 +977,8 @@ class TeamPass:
         team = _team()
         if team is None:
             raise RuntimeError("no OpenMP runtime of torch's was found (check team_size() first)")
-        self.fns = np.array([team.parallel_address, _team_worker.address, team.thread_num, team.num_threads],
-                            dtype=np.int64)
+        self.fns = np.array([team.parallel_address, _team_worker.address, team.thread_num, team.num_threads,
+                             _team_build_worker.address, team.barrier], dtype=np.int64)
         self.args = np.zeros(_ARGS, dtype=np.int64)
         self.rows = np.zeros(0, dtype=np.int32)
         self.cells = np.zeros(0, dtype=np.int32)
@@ -1123,8 +1213,8 @@ if AVAILABLE:  # pragma: no branch
         g_free: np.ndarray, g_lp: np.ndarray, g_logits: np.ndarray, g_z: np.ndarray, out: np.ndarray,
     ) -> int:  # pragma: no cover - compiled
         # fv, iv: the _F_* and _I_* settings; fns: GOMP_parallel, _team_worker, omp_get_thread_num,
-        # omp_get_num_threads, _team_build_worker (addresses). Returns a STEP_* status; nothing is written to a
-        # gradient unless STEP_DONE.
+        # omp_get_num_threads, _team_build_worker, GOMP_barrier (addresses). Returns a STEP_* status; nothing is
+        # written to a gradient unless STEP_DONE.
         k1 = lp32.shape[0]
         means, lp, lpi = mix[0], np.empty(k1), np.empty(k1)
         prec, const = mix[1], mix[2]
@@ -1240,7 +1330,7 @@ class HostStep:
             raise RuntimeError("no OpenMP runtime of torch's was found")
         self.weights, self.mixture, self.grads = weights, mixture, grads
         self.fns = np.array([team.parallel_address, _team_worker.address, team.thread_num, team.num_threads,
-                             _team_build_worker.address], dtype=np.int64)
+                             _team_build_worker.address, team.barrier], dtype=np.int64)
         self.fv = np.zeros(_F_LENGTH)
         self.fv[_F_SPACING] = spacing
         for i, ab in enumerate(hyper):
