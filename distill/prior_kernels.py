@@ -9,9 +9,9 @@ kernel of about the same speed after ~40 s of compilation per process, and a C++
 time. numba compiles these loops in 1-2 s, once (cached on disk), and is optional: without it, or for tensors that are
 not contiguous float32 on the CPU, :class:`~distill.priors.MixtureTable` runs the same algorithm as ATen ops.
 
-The kernels are single-threaded and release the GIL; the per-weight pass and the build of a big table also run split
-over torch's own OpenMP threads when torch uses more than one (:class:`TeamPass`, :func:`build_table`; the reasons
-beside them).
+The kernels are single-threaded and release the GIL; the per-weight pass with its binned sums, and the build of a big
+table, also run split over torch's own OpenMP threads when torch uses more than one (:class:`TeamPass`,
+:func:`build_table`; the reasons beside them). :class:`HostStep` does the callback's whole CPU step in one call.
 """
 
 from __future__ import annotations
