@@ -37,9 +37,10 @@ except ImportError:  # pragma: no cover
     AVAILABLE = False
 
 __all__ = [
-    "AVAILABLE", "HostStep", "TeamPass", "adam_update", "adam_update_all", "bin_sums", "blocks", "build_table",
-    "build_team_size", "component_terms", "host_pass", "new_outside", "one_thread", "outside_length", "pass_constants",
-    "point_stats", "reset_outside", "stats_length", "team_size", "usable", "work_length",
+    "AVAILABLE", "HostStep", "TeamPass", "adam_update", "adam_update_all", "bin_sums", "block_width", "blocks",
+    "build_table", "build_team_size", "component_terms", "grid_geometry", "host_pass", "new_outside", "one_thread",
+    "outside_length", "pass_constants", "pass_range", "point_stats", "reset_outside", "stats_length", "team_size",
+    "usable", "work_length",
 ]
 
 
@@ -78,16 +79,19 @@ _DRIFT = 300.0  # the most a component's log term may change over a run (float64
 _NEGLIGIBLE = 40.0  # a component whose log term stays this far below the largest over a block is left out there
 
 
+@_jit
 def work_length(components: int, points: int) -> int:
     """float64 scratch :func:`_build_kernel` needs for ``points`` grid points of a mixture of ``components``."""
     return 8 * components + points + 1
 
 
+@_jit
 def blocks(size: int) -> int:
     """How many blocks of ``_RUN`` grid points a grid of ``size`` points has (rows of :func:`build_table`'s lists)."""
     return (size + _RUN - 1) // _RUN
 
 
+@_jit
 def stats_length(size: int, components: int) -> int:
     """float64 numbers :func:`build_table`'s compact statistics take for a grid of ``size`` points."""
     return blocks(size) * _RUN * (2 + components)
@@ -307,6 +311,42 @@ def point_stats(stats: np.ndarray, active: np.ndarray, size: int, components: in
 _BLOCK = 4096  # weights per block: the block's positions stay in L1 between the two loops
 
 
+@_jit
+def grid_geometry(
+    lo: float, hi: float, spacing: float, lp_max: float, min_grid: int, max_grid: int, subbins: int
+) -> tuple[float, float, float, int, int, float, float, float]:
+    """The grid of a table over ``[lo, hi]`` (padded by 1e-6 of its width; one standard deviation wide if empty) for a
+    mixture whose largest log precision is ``lp_max``: spacing ``spacing`` times the smallest standard deviation, at
+    least ``min_grid`` and at most ``max_grid`` points. Returns ``(lo, hi, h, points, points needed, 1 / h, u_scale,
+    u_max)``: positions in sub-cells are ``u = (w - lo) u_scale``, clamped just inside the last sub-cell at ``u_max``
+    (float32 positions have an ulp of up to 1/16 sub-cell on big grids). :class:`distill.priors.MixtureTable` and
+    :class:`HostStep` size their grids with it."""
+    sigma_min = math.exp(-0.5 * lp_max)
+    if not hi > lo:
+        hi = lo + sigma_min
+    pad = 1e-6 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    needed = int(math.ceil((hi - lo) / (spacing * sigma_min)) + 1)
+    n = min(max(needed, min_grid), max_grid)
+    inv_h = (n - 1) / (hi - lo)
+    n_fine = (n - 1) * subbins
+    u_max = float(n_fine) - max(1e-3, 4.0 * math.ldexp(1.0, math.frexp(float(n_fine))[1] - 24))
+    return lo, hi, (hi - lo) / (n - 1), n, needed, inv_h, inv_h * subbins, u_max
+
+
+@_jit
+def pass_range(lo: float, cell: float, first: int, last: int, outside: np.ndarray) -> tuple[float, float]:
+    """The weights' range as a pass over a grid starting at ``lo`` saw it: its first and last non-empty sub-cells (of
+    width ``cell``; ``first`` -1: none) and the weights outside the grid (``outside``, one row of
+    :func:`new_outside`)."""
+    k1 = (outside.shape[0] - 4) // 3
+    r_lo, r_hi = (lo + first * cell, lo + (last + 1) * cell) if first >= 0 else (np.inf, -np.inf)
+    if outside[1 + 3 * k1]:
+        r_lo, r_hi = min(r_lo, outside[2 + 3 * k1]), max(r_hi, outside[3 + 3 * k1])
+    return r_lo, r_hi
+
+
+@_jit
 def outside_length(components: int) -> int:
     """float64 numbers of the sums over the weights outside a table (:func:`new_outside`)."""
     return 4 + 3 * components
@@ -434,6 +474,7 @@ def pass_constants(u_scale: float, u_offset: float, u_max: float, alpha: float, 
     return np.array([u_scale, u_offset, u_max, alpha, w_lo, w_hi], dtype=np.float32)
 
 
+@_jit
 def block_width(components: int) -> int:
     """float64 numbers per block of grid points in :func:`_bin_blocks`' partial sums."""
     return 5 + 3 * components
@@ -527,8 +568,8 @@ def _bin_kernel(
 ) -> tuple[float, float, int, int]:  # pragma: no cover - compiled
     # returns the count, the sum of t(1 - t), and the first and last sub-cells holding a weight (-1: none)
     n = counts.shape[0] // subbins + 1
-    nb = (n + _RUN - 1) // _RUN
-    part = np.empty((nb, 5 + 3 * means.shape[0]))  # block_width
+    nb = blocks(n)
+    part = np.empty((nb, block_width(means.shape[0])))
     _bin_blocks(counts, 0, nb, subbins, stats, active, means, lo, h, part)
     return _sum_blocks(part, nb, active, means.shape[0], out)  # type: ignore[no-any-return]
 
@@ -672,7 +713,7 @@ if AVAILABLE:  # pragma: no branch
         c = numba.carray(_as_f32(a[11]), (6,))
         k1 = a[16]
         mix = numba.carray(_as_f64(a[15]), (3, k1))
-        width = 4 + 3 * k1  # outside_length(k1)
+        width = outside_length(k1)
         outside = numba.carray(_as_f64(a[17] + t * width * 8), (width,))
         counts[:] = 0
         for k in range(nt):
@@ -714,11 +755,11 @@ if AVAILABLE:  # pragma: no branch
             k1 = a[16]
             subbins = a[23]
             n = n_fine // subbins + 1
-            nb = (n + _RUN - 1) // _RUN
-            stats = numba.carray(_as_f64(a[19]), (nb * _RUN * (2 + k1),))
+            nb = blocks(n)
+            stats = numba.carray(_as_f64(a[19]), (stats_length(n, k1),))
             active = numba.carray(_as_i32(a[20]), (nb, 1 + k1))
             lh = numba.carray(_as_f64(a[21]), (2,))
-            part = numba.carray(_as_f64(a[22]), (nb, 5 + 3 * k1))
+            part = numba.carray(_as_f64(a[22]), (nb, block_width(k1)))
             mix = numba.carray(_as_f64(a[15]), (3, k1))
             _bin_blocks(row0, nb * t // parts, nb * (t + 1) // parts, subbins, stats, active, mix[0], lh[0], lh[1],
                         part)
@@ -796,7 +837,7 @@ if AVAILABLE:  # pragma: no branch
         args[17] = np.int64(outside.ctypes.data)
         k1 = mix.shape[1]
         nb = active.shape[0]
-        part = np.empty((nb, 5 + 3 * k1))  # block_width
+        part = np.empty((nb, block_width(k1)))
         lh = np.empty(2)
         lh[0] = lo
         lh[1] = h
@@ -1197,7 +1238,6 @@ _F_LOG_P0, _F_LOG_REST, _F_LO, _F_HI, _F_SPACING, _F_ALPHA, _F_SCALE, _F_Z = 0, 
 _F_GAMMA = 8  # 8-13: gamma_zero (a, b), gamma (a, b), pi_zero_beta (a, b); a = 0: none
 _F_LENGTH = 14
 _I_MIN_GRID, _I_MAX_GRID, _I_SUBBINS, _I_THREADS, _I_AUTO, _I_HAS_Z, _I_TENSORS = 0, 1, 2, 3, 4, 5, 6
-_I_LENGTH = 7
 _O_NLL, _O_HYPER, _O_FINITE, _O_LO, _O_HI, _O_OUTSIDE, _O_SIZE = 0, 1, 2, 3, 4, 5, 6
 _O_LENGTH = 7
 STEP_DONE, STEP_MIXTURE_NONFINITE, STEP_GRID_TOO_FINE, STEP_GROW = 0, 1, 2, 3
@@ -1221,34 +1261,23 @@ if AVAILABLE:  # pragma: no branch
         if not _host_mixture_kernel(free, lp32, logits, fv[_F_LOG_P0], fv[_F_LOG_REST], means, lp, lpi):
             return STEP_MIXTURE_NONFINITE
         lp_max = _component_terms_kernel(lp, lpi, prec, const)
-        # the grid, as MixtureTable sizes it
-        sigma_min = math.exp(-0.5 * lp_max)
-        lo, hi = fv[_F_LO], fv[_F_HI]
-        if not hi > lo:
-            hi = lo + sigma_min
-        pad = 1e-6 * (hi - lo)
-        lo, hi = lo - pad, hi + pad
-        needed = int(math.ceil((hi - lo) / (fv[_F_SPACING] * sigma_min)) + 1)
-        n = min(max(needed, iv[_I_MIN_GRID]), iv[_I_MAX_GRID])
+        subbins = iv[_I_SUBBINS]
+        lo, _, h, n, needed, _, u_scale, u_max = grid_geometry(fv[_F_LO], fv[_F_HI], fv[_F_SPACING], lp_max,
+                                                               iv[_I_MIN_GRID], iv[_I_MAX_GRID], subbins)
         if iv[_I_AUTO] and needed > n:
             return STEP_GRID_TOO_FINE
-        subbins = iv[_I_SUBBINS]
         threads = iv[_I_THREADS]
         n_fine = (n - 1) * subbins
-        nb = (n + _RUN - 1) // _RUN
+        nb = blocks(n)
         build_threads = threads if n * k1 >= _TEAM_MIN_TABLE and threads > 1 else 1
-        stride = 8 * k1 + n + 1  # work_length(k1, n)
+        stride = work_length(k1, n)
         out[_O_SIZE] = n
-        if (table.shape[0] < 2 * n_fine or stats.shape[0] < nb * _RUN * (2 + k1) or active.shape[0] < nb * (1 + k1)
+        if (table.shape[0] < 2 * n_fine or stats.shape[0] < stats_length(n, k1) or active.shape[0] < nb * (1 + k1)
                 or rows.shape[0] < threads * n_fine or work.shape[0] < build_threads * stride
                 or outside.shape[0] < threads or cells.shape[0] < threads * _BLOCK):
             return STEP_GROW
-        inv_h = (n - 1) / (hi - lo)
-        h = (hi - lo) / (n - 1)
-        u_scale = inv_h * subbins
-        u_max = float(n_fine) - max(1e-3, 4.0 * math.ldexp(1.0, math.frexp(float(n_fine))[1] - 24))
         tab = table[: 2 * n_fine].reshape((n_fine, 2))
-        st = stats[: nb * _RUN * (2 + k1)]
+        st = stats[: stats_length(n, k1)]
         act = active[: nb * (1 + k1)].reshape((nb, 1 + k1))
         if build_threads > 1:
             lh[0] = lo
@@ -1290,10 +1319,7 @@ if AVAILABLE:  # pragma: no branch
         hyper, finite = _chain_rule_kernel(gm, gl, gp, lp, logits64, fv[_F_Z], iv[_I_HAS_Z] != 0, fv[_F_GAMMA],
                                            fv[_F_GAMMA + 1], fv[_F_GAMMA + 2], fv[_F_GAMMA + 3], fv[_F_GAMMA + 4],
                                            fv[_F_GAMMA + 5], fv[_F_SCALE], g_free, g_lp, g_logits, g_z)
-        cell = h / subbins
-        r_lo, r_hi = (lo + first * cell, lo + (last + 1) * cell) if first >= 0 else (np.inf, -np.inf)
-        if n_out:
-            r_lo, r_hi = min(r_lo, o[2 + 3 * k1]), max(r_hi, o[3 + 3 * k1])
+        r_lo, r_hi = pass_range(lo, h / subbins, first, last, o)
         out[_O_NLL] = nll
         out[_O_HYPER] = hyper
         out[_O_FINITE] = 1.0 if finite else 0.0

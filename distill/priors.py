@@ -313,23 +313,15 @@ class MixtureTable:
                        for a in (means, log_precisions, log_pis)]
             m, lp, lpi = (t.detach().double() for t in tensors)
             lp_max = float(lp.max())
-        sigma_min = math.exp(-0.5 * lp_max)
-        if not hi > lo:
-            hi = lo + sigma_min
-        pad = 1e-6 * (hi - lo)
-        lo, hi = lo - pad, hi + pad
-        self.needed = int(math.ceil((hi - lo) / (spacing * sigma_min)) + 1)
-        n = int(min(max(self.needed, min_grid), max_grid))
-        self.size = n
-        self.lo = lo
-        self.inv_h = (n - 1) / (hi - lo)
-        self.h = (hi - lo) / (n - 1)
-        # positions are measured in sub-cells: u = (w - lo) / h * subbins
-        self._u_scale = self.inv_h * subbins
-        # clamp just inside the last sub-cell: float32 positions have an ulp of up to 1/16 sub-cell on big grids
+        # positions are measured in sub-cells: u = (w - lo) / h * subbins, clamped just inside the last one at u_max
+        lo, hi, h, n, needed, inv_h, u_scale, u_max = prior_kernels.grid_geometry(
+            float(lo), float(hi), float(spacing), float(lp_max), int(min_grid), int(max_grid), int(subbins))
+        lo, hi, n = float(lo), float(hi), int(n)
+        self.needed, self.size = int(needed), n
+        self.lo, self.h, self.inv_h = lo, float(h), float(inv_h)
+        self._u_scale, self._u_max = float(u_scale), float(u_max)
         n_fine = (n - 1) * subbins
         self.n_fine = n_fine
-        self._u_max = float(n_fine) - max(1e-3, 4.0 * math.ldexp(1.0, math.frexp(n_fine)[1] - 24))
         # Per sub-cell f (cell k = f // S, position t = frac(u) in [0, 1) within the sub-cell):
         # g(w) = g_start[f] + t * slope[f], the linear interpolation between grid points k and k + 1 written per
         # sub-cell, so that one integer index serves both the gathers and the histogram, and frac() gives the position.
@@ -521,14 +513,11 @@ class MixtureTable:
         self.fine_counts = torch.from_numpy(counts)
         self._counts_host = counts
         self._counted = counted
-        cell = self.h / self.subbins
-        lo, hi = (self.lo + first * cell, self.lo + (last + 1) * cell) if first >= 0 else (math.inf, -math.inf)
-        k1 = self._mix.shape[1]
-        n_out = outside[1 + 3 * k1]
-        if n_out:  # weights outside the grid (rare): their exact sums join the binned ones
-            lo, hi = min(lo, float(outside[2 + 3 * k1])), max(hi, float(outside[3 + 3 * k1]))
-        self.weight_range = (lo, hi)
+        lo, hi = self._kernels.pass_range(self.lo, self.h / self.subbins, first, last, outside)
+        self.weight_range = (float(lo), float(hi))
+        n_out = outside[1 + 3 * self._mix.shape[1]]
         self.outside_count = int(n_out)
+        # weights outside the grid (rare): their exact sums join the binned ones
         return self._grads_from_sums(tot, spread, self.prec.numpy(), outside if n_out else None)
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
