@@ -829,13 +829,16 @@ class GaussianMixturePrior(nn.Module):
         """:meth:`host_mixture`, and whether all three are finite."""
         from distill import prior_kernels  # numba: imported on first use, not with the package
 
-        if self.zero_logit is not None:
-            z = float(self.zero_logit.detach())
-            log_p0, log_rest = -float(np.logaddexp(0.0, -z)), -float(np.logaddexp(0.0, z))
-        else:
-            log_p0, log_rest = math.log(self.pi_zero_init), math.log1p(-self.pi_zero_init)
+        _, log_p0, log_rest = self._zero_share_logs()
         free, lp, logits = self._param_views()
         return prior_kernels.host_mixture(free, lp, logits, log_p0, log_rest)
+
+    def _zero_share_logs(self) -> tuple[float, float, float]:
+        """``(zero logit or 0, log pi_0, log(1 - pi_0))`` as floats (pi_0 learned through the logit, or fixed)."""
+        if self.zero_logit is not None:
+            z = float(self.zero_logit.detach())
+            return z, -float(np.logaddexp(0.0, -z)), -float(np.logaddexp(0.0, z))
+        return 0.0, math.log(self.pi_zero_init), math.log1p(-self.pi_zero_init)
 
     def _param_views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Host arrays of the free means, log-precisions and mixing logits: NumPy views of CPU parameters, kept

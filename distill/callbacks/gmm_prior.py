@@ -754,11 +754,7 @@ class GMMPrior(Callback):
         else:  # the first step: the weights' own range
             ranges = self._check_weight_ranges(params, on_cpu=True, step=step)
             lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-        if mix.zero_logit is not None:
-            z = float(mix.zero_logit.detach())
-            log_p0, log_rest = -float(np.logaddexp(0.0, -z)), -float(np.logaddexp(0.0, z))
-        else:
-            z, log_p0, log_rest = 0.0, math.log(mix.pi_zero_init), math.log1p(-mix.pi_zero_init)
+        z, log_p0, log_rest = mix._zero_share_logs()
         status = plan[2].run(lo, hi, scale * grad_scale, scale, log_p0, log_rest, z,
                              prior_kernels.team_size(self.num_weights))
         if status != prior_kernels.STEP_DONE:
