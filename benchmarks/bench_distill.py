@@ -9,7 +9,10 @@ LeNet-300-100 / MNIST held in memory, batch 128, 2 CPU threads:
 * ``indep``: layer-wise independent (student fc1/fc2 fed the teacher's inputs captured by hooks), hand loop vs
   ``Distiller(layerwise_schedule="independent")``;
 * ``plain``: training on labels, hand loop vs ``Classifier``: the extra cost of KD over plain training;
-* with ``--lenet5``: the same on LeNet5Caffe (layer-wise on conv2/fc1 vs end to end).
+* with ``--lenet5``: the same on LeNet5Caffe (layer-wise on conv2/fc1 vs end to end);
+* with ``--floor`` (kd): Lightning's own floor, a minimal ``LightningModule`` whose ``training_step`` is the hand
+  loop's KD step (torch's default Adam), in the same Trainer as ``Distiller`` and in ``Trainer(barebones=True)``,
+  Lightning's minimal-overhead mode: what any LightningModule pays, so ``Distiller`` / floor is distill's own cost.
 
 Run from the repository root::
 
@@ -153,12 +156,31 @@ class _TensorDataModule(InMemoryDataModule):
         self.train_set = TensorBatchDataset(*self._xy)
 
 
+class MinimalKD(pl.LightningModule):
+    """The hand loop's KD step as a minimal LightningModule (no logging, no checks): Lightning's floor for KD."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = [teacher.eval().requires_grad_(False)]  # in a list: not a submodule, never in the optimizer
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        with torch.no_grad():
+            t = self.teacher[0](x)
+        return softmax_mse(self.student(x), t, T)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _default_adam(self.student.parameters())
+
+
 def lightning_loop(
     module: pl.LightningModule,
     x: torch.Tensor,
     y: torch.Tensor,
     args: Any,
     extra_callbacks: tuple[pl.Callback, ...] = (),
+    barebones: bool = False,
 ) -> float:
     """Samples/s of ``module`` in a Trainer: default logger off, no progress bar, no validation, ``distill fit``'s
     default profiler.
@@ -174,18 +196,21 @@ def lightning_loop(
             TensorBatchDataset(x, y), batch_size=args.batch, shuffle=True, drop_last=True, collate_fn=lambda b: b
         )}
     timer = _Timer(args.warmup)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.warmup + args.steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, *extra_callbacks],
-        profiler=NoOpProfiler(),  # what `distill fit` sets by default (Lightning's no-op one costs ~70 us a step)
-    )
+    common: dict[str, Any] = {
+        "accelerator": "cpu", "devices": 1, "max_steps": args.warmup + args.steps, "limit_val_batches": 0,
+        "callbacks": [timer, *extra_callbacks],
+    }
+    if barebones:  # Lightning's minimal-overhead mode: no logger, checkpoints, bar, summary or profiler (its no-op)
+        trainer = pl.Trainer(barebones=True, **common)
+    else:
+        trainer = pl.Trainer(
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            profiler=NoOpProfiler(),  # what `distill fit` sets by default (Lightning's no-op one costs ~70 us a step)
+            **common,
+        )
     trainer.fit(module, **source)
     return args.steps * args.batch / (timer.end - timer.start)
 
@@ -246,6 +271,9 @@ def compare(
 ) -> dict[str, float]:
     teacher = net()
     runs: dict[str, list[float]] = {"hand": [], "hand_fused": [], "lightning": [], "lightning_default": []}
+    floor = getattr(args, "floor", False) and kind == "kd"
+    if floor:
+        runs.update(minimal_module=[], minimal_barebones=[])
     for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit both sides
         for fused in (False, True):
             torch.manual_seed(0)
@@ -255,6 +283,11 @@ def compare(
                 )
             module = build_module(kind, net(), teacher, layers, fused)
             runs["lightning" if fused else "lightning_default"].append(lightning_loop(module, x, y, args))
+        if floor:
+            torch.manual_seed(0)
+            runs["minimal_module"].append(lightning_loop(MinimalKD(net(), teacher), x, y, args))
+            torch.manual_seed(0)
+            runs["minimal_barebones"].append(lightning_loop(MinimalKD(net(), teacher), x, y, args, barebones=True))
     med = {k: statistics.median(v) for k, v in runs.items()}
     h, m = med["hand"], med["lightning"]
     row = {
@@ -267,6 +300,9 @@ def compare(
         "ratio_like_for_like_fused": m / med["hand_fused"],
         "runs": runs,
     }
+    if floor:
+        row["minimal_module_samples_s"] = med["minimal_module"]
+        row["minimal_barebones_samples_s"] = med["minimal_barebones"]
     print(
         f"{name:<14} {kind:<6} hand {h:7.0f}/s (fused {med['hand_fused']:7.0f}/s)   "
         f"{'Classifier' if kind == 'plain' else 'Distiller':<10} {m:7.0f}/s "
@@ -275,6 +311,15 @@ def compare(
         f"fused {row['ratio_like_for_like_fused']:5.3f}",
         flush=True,
     )
+    if floor:
+        d = med["lightning_default"]
+        print(
+            f"{'':<21} Lightning's floor (default Adam): minimal LightningModule {med['minimal_module']:7.0f}/s "
+            f"({med['minimal_module'] / h:5.3f} of hand), in Trainer(barebones=True) {med['minimal_barebones']:7.0f}/s "
+            f"({med['minimal_barebones'] / h:5.3f});   Distiller / minimal module {d / med['minimal_module']:5.3f}, "
+            f"/ barebones {d / med['minimal_barebones']:5.3f}",
+            flush=True,
+        )
     return row
 
 
@@ -282,6 +327,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--lenet5", action="store_true", help="also LeNet5Caffe (slower)")
+    parser.add_argument("--floor", action="store_true",
+                        help="kd: also a minimal LightningModule, in the same Trainer and in Trainer(barebones=True)")
     parser.add_argument("--only", nargs="*", default=None, help="subset of kinds: plain kd hint indep")
     parser.add_argument("--loader", choices=["datamodule", "dataloader"], default="datamodule",
                         help="Lightning side: distill's in-memory data module (as distill fit) or a plain DataLoader")
