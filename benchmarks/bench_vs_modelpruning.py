@@ -82,6 +82,23 @@ def _nbytes(obj: Any) -> tuple[int, bytes]:
     return buf.tell(), buf.getvalue()
 
 
+def stored_sizes(net: nn.Module) -> dict[str, Any]:
+    """What a user of a pruning tool without a file format can store of ``net``: its state dict with ``torch.save``,
+    that file gzipped, and with the weights as sparse COO tensors; and the non-zero fraction of its weights."""
+    weights = _weights(net)
+    nonzero = sum(int(w.count_nonzero()) for w in weights.values()) / sum(w.numel() for w in weights.values())
+    dense_bytes, raw = _nbytes(net.state_dict())
+    sparse_state = {k: (v.to_sparse() if k.endswith("weight") else v) for k, v in net.state_dict().items()}
+    sparse_bytes, _ = _nbytes(sparse_state)
+    return {
+        "nonzero": nonzero,
+        "dense_torch_save_bytes": dense_bytes,
+        "gzip_bytes": len(gzip.compress(raw, compresslevel=9)),
+        "sparse_coo_torch_save_bytes": sparse_bytes,
+        "per_layer_nonzero": {n: int(w.count_nonzero()) for n, w in weights.items()},
+    }
+
+
 def run_lightning(args: argparse.Namespace, dm: MNISTDataModule, folder: Path) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
     module = _module(args.teacher, args.lr)
@@ -99,21 +116,7 @@ def run_lightning(args: argparse.Namespace, dm: MNISTDataModule, folder: Path) -
     trainer.fit(module, datamodule=dm)
     wall = time.perf_counter() - t0
     acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
-    net = module.model
-    weights = _weights(net)
-    nonzero = sum(int(w.count_nonzero()) for w in weights.values()) / sum(w.numel() for w in weights.values())
-    dense_bytes, raw = _nbytes(net.state_dict())
-    sparse_state = {k: (v.to_sparse() if k.endswith("weight") else v) for k, v in net.state_dict().items()}
-    sparse_bytes, _ = _nbytes(sparse_state)
-    return {
-        "test_acc": acc,
-        "nonzero": nonzero,
-        "dense_torch_save_bytes": dense_bytes,
-        "gzip_bytes": len(gzip.compress(raw, compresslevel=9)),
-        "sparse_coo_torch_save_bytes": sparse_bytes,
-        "per_layer_nonzero": {n: int(w.count_nonzero()) for n, w in weights.items()},
-        "wall_s": wall,
-    }
+    return {"test_acc": acc, **stored_sizes(module.model), "wall_s": wall}
 
 
 def run_distill(args: argparse.Namespace, dm: MNISTDataModule, folder: Path) -> dict[str, Any]:
@@ -141,6 +144,16 @@ def run_distill(args: argparse.Namespace, dm: MNISTDataModule, folder: Path) -> 
     }
 
 
+def add_retraining_arguments(ap: argparse.ArgumentParser) -> None:
+    """The retraining settings both sides of a head-to-head share (this script and ``bench_vs_nni.py``)."""
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--bits-fc", type=int, default=5)
+    ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--finetune-lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--threads", type=int, default=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="a Classifier checkpoint of LeNet-300-100 (distill fit)")
@@ -148,12 +161,7 @@ def main() -> None:
     ap.add_argument("--prune-epochs", type=int, nargs="+", default=[1, 5, 9, 13, 17],
                     help="distill prunes at these epochs' start, Lightning at the end of the epoch before (>= 1)")
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.87, 0.92])
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--bits-fc", type=int, default=5)
-    ap.add_argument("--finetune-epochs", type=int, default=1)
-    ap.add_argument("--finetune-lr", type=float, default=1e-4)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--threads", type=int, default=2)
+    add_retraining_arguments(ap)
     ap.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
