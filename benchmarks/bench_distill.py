@@ -85,8 +85,11 @@ def hand_loop(
     args: Any,
     layers: tuple[str, ...],
     fused: bool = False,
+    logit_loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = softmax_mse,
+    temperature: float = T,
 ) -> float:
-    """Samples/s of a minimal PyTorch loop doing the same work as the matching Distiller mode."""
+    """Samples/s of a minimal PyTorch loop doing the same work as the matching Distiller mode (``kd``: ``logit_loss``
+    at ``temperature``)."""
     opt = torch.optim.Adam(student.parameters(), lr=1e-3, fused=fused or None)
     student.train()
     teacher.eval().requires_grad_(False)
@@ -106,7 +109,7 @@ def hand_loop(
         elif kind == "kd":
             with torch.no_grad():
                 t = teacher(xb)
-            loss = softmax_mse(student(xb), t, T)
+            loss = logit_loss(student(xb), t, temperature)
         elif kind == "hint":
             assert t_cap is not None and s_cap is not None
             with torch.no_grad():

@@ -1,9 +1,9 @@
 """Magnitude pruning head to head: Microsoft NNI 3.0's scheduled pruning vs distill's Deep Compression callbacks.
 
 The companion of ``bench_vs_modelpruning.py`` (Lightning's own ``ModelPruning``) for NNI, which drives a Lightning
-``Trainer`` through its ``LightningEvaluator``. Both sides
-retrain the same trained LeNet-300-100 (a ``Classifier`` checkpoint from ``distill fit``) on MNIST with the same module,
-data, Adam, seed and epochs, and prune every weight matrix to the same per-layer sparsity at the same steps:
+``Trainer`` through its ``LightningEvaluator``. Both sides retrain the same trained LeNet-300-100 (a ``Classifier``
+checkpoint from ``distill fit``) on MNIST with the same module, data, Adam, seed and epochs, and prune every weight
+matrix to the same per-layer sparsity at the same steps:
 
 * NNI: ``AGPPruner(LevelPruner(model, [{"op_types": ["Linear"], "target_names": ["weight"], "sparse_ratio": s}]),
   interval_steps=<--interval epochs of steps>, total_times=<--times>)``, NNI's gradual (AGP, Zhu & Gupta 2017)
