@@ -11,8 +11,10 @@ float32 on both sides) and get one epoch of MNIST training (55,000 images, batch
   calibration (scale, zero point); the table also gives the ideal size of ``b``-bit codes packed by hand
   (``b`` bits a weight + float32 biases + a scale and zero point a layer), which no tool here writes.
 * distill: ``distill.compress.pipeline.deep_compress`` (what the ``PruneQuantize`` callback runs): per-layer k-means
-  with ``2^b`` shared values (Han et al. 2016), one epoch of SGD on the shared values (``--finetune-lr``), Huffman
-  coding, the ``.dstl`` file; its accuracy is that of the network decoded from the file.
+  with ``2^b`` shared values (Han et al. 2016), one epoch of trained quantization (``--finetune centroids``: SGD on
+  the shared values, Han's; ``--finetune weights``: quantization-aware training of the weights, the codebooks kept
+  as their k-means; ``--finetune-lr``), Huffman coding, the ``.dstl`` file; its accuracy is that of the network
+  decoded from the file.
 
 NNI is benchmark-only, with pins of its own: run it in a separate environment, e.g.
 ``python -m venv .venv-nni && . .venv-nni/bin/activate && pip install -e . nni==3.0``. From the repository root::
@@ -94,7 +96,7 @@ def run_distill(args: argparse.Namespace, bits: int, folder: Path) -> dict[str, 
     t0 = time.perf_counter()
     result = deep_compress(net, folder / f"lenet300_100_{bits}bit.dstl", bits_fc=bits,
                            finetune_loader=dm.train_dataloader(), finetune_epochs=args.epochs,
-                           finetune_lr=args.finetune_lr, test_loader=dm.test_dataloader(),
+                           finetune_lr=args.finetune_lr, finetune=args.finetune, test_loader=dm.test_dataloader(),
                            report_dir=folder / f"{bits}bit")  # fmt: skip
     wall = time.perf_counter() - t0
     totals = result["report"]["totals"]
@@ -113,7 +115,11 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5])
     ap.add_argument("--epochs", type=int, default=1, help="epochs of training after quantizing, both sides")
     ap.add_argument("--lr", type=float, default=3e-4, help="NNI: Adam's learning rate for the float weights")
-    ap.add_argument("--finetune-lr", type=float, default=1e-4, help="distill: SGD learning rate of the shared values")
+    ap.add_argument("--finetune-lr", type=float, default=1e-4,
+                    help="distill: learning rate of the trained quantization (SGD on the shared values, Adam on the "
+                         "weights)")
+    ap.add_argument("--finetune", choices=["centroids", "weights"], default="centroids",
+                    help="distill: train the shared values (Han et al.) or the weights (quantization-aware)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["nni", "distill"], default=None, help="run one side only")
@@ -135,7 +141,7 @@ def main() -> None:
                          f"{nni_run['ideal_packed_bytes']:,} B; {nni_run['wall_s']:.0f} s)")  # fmt: skip
             if args.only in (None, "distill"):
                 ours = row["distill"] = run_distill(args, bits, Path(tmp))
-                line += (f"   distill k-means {ours['test_acc_decoded']:.4f} decoded (teacher "
+                line += (f"   distill k-means, trained {args.finetune} {ours['test_acc_decoded']:.4f} decoded (teacher "
                          f"{ours['test_acc_before']:.4f}), file {ours['file_bytes']:,} B "
                          f"({ours['compression_rate']:.1f}x; {ours['wall_s']:.0f} s)")  # fmt: skip
             print(line, flush=True)

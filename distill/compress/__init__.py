@@ -15,7 +15,13 @@ from distill.compress.fileformat import (
     save_compressed,
 )
 from distill.compress.params import compressible_parameters, parameter_kinds
-from distill.compress.quantize import SharedWeights, apply_codebooks, finetune_centroids, quantize_model
+from distill.compress.quantize import (
+    SharedWeights,
+    apply_codebooks,
+    finetune_centroids,
+    finetune_weights,
+    quantize_model,
+)
 from distill.compress.report import compression_report, report_markdown, write_report
 from distill.compress.structure import remove_dead_units
 
@@ -27,6 +33,7 @@ __all__ = [
     "compression_report",
     "decode_into",
     "finetune_centroids",
+    "finetune_weights",
     "load_compressed",
     "load_compressed_state_dict",
     "parameter_kinds",

@@ -19,7 +19,13 @@ from torch import nn
 from distill.arch import ArchitectureError
 from distill.compress.fileformat import decode_into, load_compressed, save_compressed
 from distill.compress.params import compressible_parameters
-from distill.compress.quantize import finetune_centroids, quantize_model, shared_from_weights
+from distill.compress.quantize import (
+    FINETUNE_MODES,
+    finetune_centroids,
+    finetune_weights,
+    quantize_model,
+    shared_from_weights,
+)
 from distill.compress.report import compression_report, write_report
 from distill.compress.structure import remove_dead_units
 from distill.io import atomic_write_json
@@ -127,6 +133,7 @@ def deep_compress(
     finetune_epochs: int = 0,
     finetune_lr: float = 1e-4,
     finetune_batches: int | None = None,
+    finetune: str = "centroids",
     test_loader: Iterable[Any] | None = None,
     report_dir: str | os.PathLike[str] | None = None,
     meta: dict[str, Any] | None = None,
@@ -151,8 +158,12 @@ def deep_compress(
             ``GMMPrior.zero_members``), before the k-means sharing of the others (which keeps those zeros).
         finetune_loader: training batches for centroid fine-tuning (with ``finetune_epochs > 0``).
         finetune_epochs: epochs of trained quantization.
-        finetune_lr: SGD learning rate of the centroids.
+        finetune_lr: learning rate of the trained quantization (SGD on the centroids, Adam on the weights).
         finetune_batches: limit on batches per fine-tuning epoch.
+        finetune: what the trained quantization trains: ``"centroids"`` (Han et al.'s shared values,
+            :func:`~distill.compress.quantize.finetune_centroids`) or ``"weights"`` (quantization-aware training of the
+            weights, the codebooks kept as their k-means, :func:`~distill.compress.quantize.finetune_weights`; more
+            accurate at 2-3 bits).
         test_loader: test batches; accuracies are ``None`` without it.
         report_dir: where ``compression_report.json``/``.md`` and ``accuracy.json`` go (default: the file's folder).
         meta: extra metadata for the file header.
@@ -172,6 +183,8 @@ def deep_compress(
     """
     if raw_dtype not in RAW_DTYPES:
         raise ValueError(f"raw_dtype must be one of {RAW_DTYPES}, got {raw_dtype!r}")
+    if finetune not in FINETUNE_MODES:
+        raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
     p = next(net.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
 
@@ -188,13 +201,20 @@ def deep_compress(
     if share is not None:
         share()
         already_shared = True
+    tune = finetune_epochs > 0 and finetune_loader is not None
+    # the weights before sharing: where quantization-aware training starts from
+    floats = {n: p.detach().clone() for n, p in compressible_parameters(net).items()} if tune else {}
     if already_shared:
         shared = shared_from_weights(net, strict=False)  # a weight the prior did not quantize is stored raw
     else:
         shared = quantize_model(net, bits_conv=bits_conv, bits_fc=bits_fc, quality=quality, sparsity=sparsity)
-    if finetune_epochs > 0 and finetune_loader is not None:
+    if tune and finetune_loader is not None:
         batches = _Reiterable(finetune_loader, device, batch_transform)
-        finetune_centroids(net, shared, batches, finetune_epochs, finetune_lr, max_batches=finetune_batches)
+        if finetune == "weights":
+            finetune_weights(net, shared, batches, finetune_epochs, finetune_lr, max_batches=finetune_batches,
+                             init=floats)  # fmt: skip
+        else:
+            finetune_centroids(net, shared, batches, finetune_epochs, finetune_lr, max_batches=finetune_batches)
     info: dict[str, Any] = {"bits_conv": bits_conv, "bits_fc": bits_fc, "quality": quality, "sparsity": sparsity}
     if clear_dead_units:
         dead = remove_dead_units(net)
