@@ -1,13 +1,17 @@
-"""The end of a soft weight-sharing run again, from its ``last.ckpt``, with other codebooks: no training.
+"""The end of a compression run again, from its ``last.ckpt``, with other codebooks: no training.
 
-A run of a config with ``GMMPrior`` and ``PruneQuantize`` ends by quantizing the trained network and writing the file.
-This script restores the run's last checkpoint (network, mixture, pruning masks) into the same config, skips the
-training loop, and runs ``PruneQuantize`` with the codebook asked for, so that codebooks are compared on the very same
-trained weights: the prior's merged means (``gmm``, what the run did) or the prior's zeros with per-layer k-means
-codebooks of ``--bits`` bits (``kmeans``). Each variant writes its own run folder under ``--out``.
+A run of a config with ``PruneQuantize`` (and maybe ``GMMPrior``) ends by quantizing the trained network and writing
+the file. This script restores the run's last checkpoint (network, mixture, pruning masks) into the same config, skips
+the training loop, and runs ``PruneQuantize`` with the codebook asked for, so that codebooks are compared on the very
+same trained weights: with a soft weight-sharing run, the prior's merged means (``gmm``, what the run did) or the
+prior's zeros with per-layer k-means codebooks of ``BITS`` bits (``kmeans:BITS``); with any run, ``kmeans:BITS``.
+``--finetune`` / ``--finetune-lr`` / ``--finetune-epochs`` change the trained quantization of every variant. Each
+variant writes its own run folder under ``--out``.
 
     DISTILL_DATA=../shared/data python benchmarks/requantize_sws.py -c configs/mnist/lenet5_caffe_sws.yaml \\
         --ckpt runs/lenet5_caffe_sws/checkpoints/last.ckpt --variants gmm kmeans:4 kmeans:5 --out runs/requantize
+    DISTILL_DATA=../shared/data python benchmarks/requantize_sws.py -c configs/mnist/lenet300_100_headline.yaml \\
+        --ckpt runs/lenet300_100_headline/checkpoints/last.ckpt --variants kmeans:4 kmeans:3 --finetune weights
 """
 
 from __future__ import annotations
@@ -28,20 +32,23 @@ from distill.cli import DistillCLI  # noqa: E402
 from distill.errors import read_checkpoint  # noqa: E402
 
 
-def requantize(config: str, ckpt: str, codebook: str, bits: int | None, out: Path,
-               finetune_epochs: int | None) -> dict[str, Any]:
+def requantize(config: str, ckpt: str, codebook: str, bits: int | None, out: Path, finetune_epochs: int | None,
+               finetune: str | None = None, finetune_lr: float | None = None) -> dict[str, Any]:
+    name = f"{codebook}{bits or ''}{finetune or ''}{finetune_lr or ''}"
     cli = DistillCLI(args=["-c", config, "--trainer.logger.init_args.save_dir", str(out),
-                           "--trainer.logger.init_args.name", f"{codebook}{bits or ''}",
+                           "--trainer.logger.init_args.name", name,
                            "--trainer.enable_progress_bar", "false", "--checkpoint.dirpath", str(out / "ckpt")],
                      run=False)
     trainer, model = cli.trainer, cli.model
     gmm = next((c for c in trainer.callbacks if isinstance(c, GMMPrior)), None)  # type: ignore[attr-defined]
     pq = next((c for c in trainer.callbacks if isinstance(c, PruneQuantize)), None)  # type: ignore[attr-defined]
-    if gmm is None or pq is None:
-        raise SystemExit(f"{config}: needs a GMMPrior and a PruneQuantize callback")
+    if pq is None:
+        raise SystemExit(f"{config}: needs a PruneQuantize callback")
+    if gmm is None and codebook != "kmeans":
+        raise SystemExit(f"{config}: has no GMMPrior, so only kmeans:BITS variants apply (got {codebook!r})")
     # the training loop is over as soon as it starts: only the restore and the fit-start hooks run
     trainer.fit_loop.max_epochs = int(read_checkpoint(ckpt, "--ckpt")["epoch"]) + 1
-    for cb in (gmm, pq):
+    for cb in (c for c in (gmm, pq) if c is not None):
         cb.on_train_end = lambda *args, **kwargs: None  # type: ignore[method-assign]
     trainer.fit(model, datamodule=cli.datamodule, ckpt_path=ckpt)
     pq.codebook = codebook
@@ -49,10 +56,15 @@ def requantize(config: str, ckpt: str, codebook: str, bits: int | None, out: Pat
         pq.bits_conv = pq.bits_fc = bits
     if finetune_epochs is not None:
         pq.finetune_epochs = finetune_epochs
+    if finetune is not None:
+        pq.finetune = finetune
+    if finetune_lr is not None:
+        pq.finetune_lr = finetune_lr
     result = pq.compress(trainer, model)
     totals = result["report"]["totals"]
-    return {"codebook": codebook, "bits": bits, **result["accuracy"], "nonzero": round(totals["nonzero_fraction"], 5),
-            "file_bytes": totals["file_bytes"], "rate": round(totals["compression_rate"], 1)}
+    return {"codebook": codebook, "bits": bits, "finetune": pq.finetune, "finetune_lr": pq.finetune_lr,
+            **result["accuracy"], "nonzero": round(totals["nonzero_fraction"], 5), "file_bytes": totals["file_bytes"],
+            "rate": round(totals["compression_rate"], 1)}
 
 
 def main() -> None:
@@ -62,6 +74,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["gmm", "kmeans:4", "kmeans:5"],
                         help="gmm, or kmeans:BITS (per-layer k-means over the prior's non-zero weights)")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default: the config's")
+    parser.add_argument("--finetune", choices=["centroids", "weights"], default=None, help="default: the config's")
+    parser.add_argument("--finetune-lr", type=float, default=None, help="default: the config's")
     parser.add_argument("--out", type=Path, default=Path("runs/requantize"))
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -69,7 +83,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     for variant in args.variants:
         codebook, _, bits = variant.partition(":")
-        row = requantize(args.config, args.ckpt, codebook, int(bits) if bits else None, args.out, args.finetune_epochs)
+        row = requantize(args.config, args.ckpt, codebook, int(bits) if bits else None, args.out, args.finetune_epochs,
+                         args.finetune, args.finetune_lr)  # fmt: skip
         print(json.dumps(row), flush=True)
 
 
