@@ -223,12 +223,12 @@ def finetune_weights(
     zero = torch.zeros((), device=device)
 
     def weights() -> dict[str, torch.Tensor]:
-        out = {}
+        current = {}
         for n, w in floats.items():
             book, idx = _nearest(books[n], w.detach())
             ste = w + (book[idx] - w).detach()  # the shared value forward, the identity backward
-            out[n] = torch.where(keep[n], ste, zero)
-        return out
+            current[n] = torch.where(keep[n], ste, zero)
+        return current
 
     def lloyd_step() -> None:  # every shared value to the mean of its members
         with torch.no_grad():
