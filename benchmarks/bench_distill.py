@@ -177,6 +177,26 @@ class MinimalKD(pl.LightningModule):
         return _default_adam(self.student.parameters())
 
 
+def trainer_kwargs(args: Any, callbacks: list[pl.Callback], barebones: bool = False) -> dict[str, Any]:
+    """The benchmarks' Trainer: ``--warmup + --steps`` steps on the CPU, no validation, with ``callbacks``; default
+    logger, checkpoints, progress bar and summary off and ``distill fit``'s default profiler, or Lightning's
+    ``barebones`` mode (which turns those off itself and keeps its own no-op profiler)."""
+    common: dict[str, Any] = {
+        "accelerator": "cpu", "devices": 1, "max_steps": args.warmup + args.steps, "limit_val_batches": 0,
+        "callbacks": callbacks,
+    }
+    if barebones:
+        return {"barebones": True, **common}
+    return {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "profiler": NoOpProfiler(),  # what `distill fit` sets by default (Lightning's no-op one costs ~70 us a step)
+        **common,
+    }
+
+
 def lightning_loop(
     module: pl.LightningModule,
     x: torch.Tensor,
@@ -199,21 +219,7 @@ def lightning_loop(
             TensorBatchDataset(x, y), batch_size=args.batch, shuffle=True, drop_last=True, collate_fn=lambda b: b
         )}
     timer = _Timer(args.warmup)
-    common: dict[str, Any] = {
-        "accelerator": "cpu", "devices": 1, "max_steps": args.warmup + args.steps, "limit_val_batches": 0,
-        "callbacks": [timer, *extra_callbacks],
-    }
-    if barebones:  # Lightning's minimal-overhead mode: no logger, checkpoints, bar, summary or profiler (its no-op)
-        trainer = pl.Trainer(barebones=True, **common)
-    else:
-        trainer = pl.Trainer(
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            profiler=NoOpProfiler(),  # what `distill fit` sets by default (Lightning's no-op one costs ~70 us a step)
-            **common,
-        )
+    trainer = pl.Trainer(**trainer_kwargs(args, [timer, *extra_callbacks], barebones))
     trainer.fit(module, **source)
     return args.steps * args.batch / (timer.end - timer.start)
 

@@ -52,11 +52,11 @@ from benchmarks.bench_distill import (
     hand_loop,
     lightning_loop,
     quiet_lightning,
+    trainer_kwargs,
 )
 from benchmarks.bench_train import pure_torch_env
 from distill.hooks import FeatureCapture
 from distill.losses import feature_mse, kd_kl
-from distill.module_utils import NoOpProfiler
 from distill.modules import Distiller
 from models.lenet import LeNet300100
 
@@ -109,11 +109,7 @@ def nni_distiller(
     from nni.compression.distillation import DynamicLayerwiseDistiller
     from nni.compression.utils import LightningEvaluator
 
-    trainer = nni.trace(pl.Trainer)(
-        accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[_Clock(args.warmup)], profiler=NoOpProfiler(),
-    )  # fmt: skip
+    trainer = nni.trace(pl.Trainer)(**trainer_kwargs(args, [_Clock(args.warmup)]))  # as on distill's side
     evaluator = LightningEvaluator(trainer, nni.trace(_TensorDataModule)(x, y, args.batch))
     names, method = (LAYERS, "mse") if kind == "hint" else (("fc3",), "kl")
     config = [  # one entry per layer: each student layer linked to the teacher's layer of the same name

@@ -38,19 +38,11 @@ import pytorch_lightning as pl
 import torch
 
 from benchmarks.bench_vs_modelpruning import _nbytes
+from benchmarks.bench_vs_nni import mnist, mnist_test_accuracy
 from distill.compress.cli import network_from_checkpoint
 from distill.compress.pipeline import deep_compress
 from distill.data import MNISTDataModule
 from distill.modules import Classifier
-
-
-def _dm() -> MNISTDataModule:
-    return MNISTDataModule(download=False, batch_size=128, val_size=5000)
-
-
-def _test_acc(module: pl.LightningModule) -> float:
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    return float(trainer.test(module, datamodule=_dm(), verbose=False)[0]["test/acc"])
 
 
 def run_nni(args: argparse.Namespace, bits: int) -> dict[str, Any]:
@@ -71,7 +63,7 @@ def run_nni(args: argparse.Namespace, bits: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     _, calibration = quantizer.compress(None, args.epochs)
     wall = time.perf_counter() - t0
-    acc = _test_acc(module)  # fake-quantized by NNI's wrappers, as NNI runs the network
+    acc = mnist_test_accuracy(module)  # fake-quantized by NNI's wrappers, as NNI runs the network
     layers = sorted(calibration)
     assert all(calibration[n]["weight"]["quant_bits"] == bits for n in layers), calibration
     quantizer.unwrap_model()
@@ -90,7 +82,7 @@ def run_nni(args: argparse.Namespace, bits: int) -> dict[str, Any]:
 def run_distill(args: argparse.Namespace, bits: int, folder: Path) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
     net, _ = network_from_checkpoint(args.teacher)
-    dm = _dm()
+    dm = mnist()
     dm.setup("fit")
     dm.setup("test")
     t0 = time.perf_counter()

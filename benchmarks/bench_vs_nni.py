@@ -47,6 +47,17 @@ def agp_goals(final: float, times: int) -> list[float]:
     return [(1.0 - (1.0 - k / times) ** 3) * final for k in range(1, times + 1)]
 
 
+def mnist() -> MNISTDataModule:
+    """The MNIST data module of every side (55,000 train / 5,000 val / the 10,000 test images, batch 128)."""
+    return MNISTDataModule(download=False, batch_size=128, val_size=5000)
+
+
+def mnist_test_accuracy(module: pl.LightningModule, dm: MNISTDataModule | None = None) -> float:
+    """``module``'s ``test/acc`` on the MNIST test set, as it runs now."""
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return float(trainer.test(module, datamodule=dm or mnist(), verbose=False)[0]["test/acc"])
+
+
 def run_nni(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     import nni
     from nni.compression.pruning import AGPPruner, LevelPruner
@@ -69,16 +80,14 @@ def run_nni(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     _, masks = pruner.compress(max_steps=None, max_epochs=args.epochs)
     wall = time.perf_counter() - t0
-    test = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    acc_wrapped = float(test.test(module, datamodule=MNISTDataModule(download=False, batch_size=128, val_size=5000),
-                                  verbose=False)[0]["test/acc"])  # fmt: skip
+    test_dm = mnist()
+    acc_wrapped = mnist_test_accuracy(module, test_dm)  # masked by NNI's wrappers
     pruner.unwrap_model()
     with torch.no_grad():  # what a user keeps: the masks multiplied into the weights
         for name, mod in module.named_modules():
             if name in masks and "weight" in masks[name]:
                 mod.weight.mul_(masks[name]["weight"].to(mod.weight.dtype))
-    acc = float(test.test(module, datamodule=MNISTDataModule(download=False, batch_size=128, val_size=5000),
-                          verbose=False)[0]["test/acc"])  # fmt: skip
+    acc = mnist_test_accuracy(module, test_dm)
     return {"test_acc": acc, "test_acc_wrapped": acc_wrapped, **stored_sizes(module.model), "wall_s": wall}
 
 
@@ -101,7 +110,7 @@ def main() -> None:
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "nni"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    dm = MNISTDataModule(download=False, batch_size=128, val_size=5000)
+    dm = mnist()
     dm.setup("fit")
     args.steps_per_epoch = len(dm.train_dataloader())
     # distill prunes at the start of the epochs NNI's AGP updates its goals before (after interval x k epochs)

@@ -201,15 +201,19 @@ def deep_compress(
     if share is not None:
         share()
         already_shared = True
-    tune = finetune_epochs > 0 and finetune_loader is not None
-    # the weights before sharing: where quantization-aware training starts from
-    floats = {n: p.detach().clone() for n, p in compressible_parameters(net).items()} if tune else {}
+    tune_loader = finetune_loader if finetune_epochs > 0 else None
+    # the weights before sharing: where quantization-aware training of the weights starts from
+    floats = (
+        {n: p.detach().clone() for n, p in compressible_parameters(net).items()}
+        if tune_loader is not None and finetune == "weights"
+        else {}
+    )
     if already_shared:
         shared = shared_from_weights(net, strict=False)  # a weight the prior did not quantize is stored raw
     else:
         shared = quantize_model(net, bits_conv=bits_conv, bits_fc=bits_fc, quality=quality, sparsity=sparsity)
-    if tune and finetune_loader is not None:
-        batches = _Reiterable(finetune_loader, device, batch_transform)
+    if tune_loader is not None:
+        batches = _Reiterable(tune_loader, device, batch_transform)
         if finetune == "weights":
             finetune_weights(net, shared, batches, finetune_epochs, finetune_lr, max_batches=finetune_batches,
                              init=floats)  # fmt: skip

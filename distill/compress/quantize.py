@@ -180,7 +180,10 @@ def finetune_centroids(
 
 
 def _nearest(book: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``book`` sorted, and the index into it of each entry of ``w``'s nearest value (ties to the lower one)."""
+    """``book`` sorted, and the index into it of each entry of ``w``'s nearest value (ties to the lower one).
+
+    The rule of :func:`distill.compress.kmeans.assign_to_codebook` (midpoints of the sorted values), in torch on
+    ``w``'s device: it runs twice a training step, where a NumPy round trip would cost a device copy each time."""
     book, _ = torch.sort(book)
     return book, torch.bucketize(w, (book[1:] + book[:-1]) / 2)
 
